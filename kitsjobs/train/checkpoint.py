@@ -1,0 +1,72 @@
+"""Training checkpoints: atomic writes and loading that never runs code.
+
+Files live in RUN/checkpoints/: ``latest.pt`` (newest), ``previous.pt`` (the one
+before) and ``best.pt`` (best validation score). Everything stored is tensors,
+numbers, strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from kitsjobs.fsutil import atomic_write
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest.pt"
+PREVIOUS = "previous.pt"
+BEST = "best.pt"
+
+
+def save_checkpoint(folder: Path, state: dict[str, Any], is_best: bool = False) -> Path:
+    """Write ``state`` as the latest checkpoint, keeping the former latest as previous.
+
+    Returns:
+        The path of the new latest checkpoint.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = folder / ".staged.pt"
+    atomic_write(staged, lambda file: torch.save(state, file))
+
+    latest = folder / LATEST
+    if latest.exists():
+        latest.replace(folder / PREVIOUS)
+    staged.replace(latest)
+    if is_best:
+        atomic_write(folder / BEST, lambda file: torch.save(state, file))
+    return latest
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load one checkpoint file with ``weights_only=True`` (no pickled code runs).
+
+    Raises:
+        RuntimeError, EOFError, OSError: the file is truncated, corrupt or unreadable.
+    """
+    return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def load_latest(folder: Path) -> Optional[dict[str, Any]]:
+    """Load the newest readable checkpoint of a run, or return None when there is none.
+
+    A corrupt ``latest.pt`` falls back to ``previous.pt`` with a warning naming both.
+    """
+    candidates = [Path(folder) / LATEST, Path(folder) / PREVIOUS]
+    existing = [path for path in candidates if path.exists()]
+    for index, path in enumerate(existing):
+        try:
+            return load_checkpoint(path)
+        except (RuntimeError, EOFError, OSError, ValueError) as error:
+            fallback = existing[index + 1] if index + 1 < len(existing) else None
+            logger.warning(
+                "checkpoint %s is unreadable (%s); %s",
+                path,
+                error,
+                f"using {fallback} instead" if fallback else "no older checkpoint to use",
+            )
+    return None

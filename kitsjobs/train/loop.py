@@ -1,0 +1,251 @@
+"""Patch-based training loop with validation, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from tqdm import tqdm
+
+from kitsjobs import __version__
+from kitsjobs.config import Config, config_hash, config_to_dict
+from kitsjobs.data.sampling import PatchSampler
+from kitsjobs.data.volumes import Volume
+from kitsjobs.infer.sliding import predict_labels
+from kitsjobs.metrics import REGIONS, dice
+from kitsjobs.models.factory import build_model
+from kitsjobs.train.checkpoint import load_latest, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+HISTORY_FILE = "history.jsonl"
+
+
+@dataclass
+class TrainResult:
+    """Outcome of Trainer.fit."""
+
+    last_step: int
+    best_metric: float
+    best_step: int
+
+
+def select_device(name: str) -> torch.device:
+    """Map trainer.device ("auto", "cpu", "cuda") to a torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"trainer.device='{name}' is invalid; use auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch, and optionally force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def validation_dice(labels: np.ndarray, reference: np.ndarray) -> float:
+    """Mean Dice over the three KiTS23 regions for one case."""
+    scores = [dice(np.isin(labels, region), np.isin(reference, region)) for region in REGIONS.values()]
+    return float(np.mean(scores))
+
+
+class Trainer:
+    """Train one model on patches of ``train_volumes``, validating on ``val_volumes``.
+
+    Args:
+        config: the resolved experiment config.
+        run_dir: the task's output folder; checkpoints/ and history.jsonl go there.
+        train_volumes: labelled cases to sample patches from.
+        val_volumes: labelled cases scored by sliding-window Dice.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        run_dir: Path,
+        train_volumes: Sequence[Volume],
+        val_volumes: Sequence[Volume],
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.history_path = self.run_dir / HISTORY_FILE
+        self.val_volumes = list(val_volumes)
+        self.device = select_device(config.trainer.device)
+
+        seed_everything(config.seed, config.trainer.deterministic)
+        self.sampler = PatchSampler(
+            train_volumes, config.data.patch_size, config.data.foreground_ratio, config.seed
+        )
+        self.model = build_model(config.model).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.use_amp = config.trainer.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+
+        self.step = 0
+        self.best_metric = float("-inf")
+        self.best_step = -1
+
+    def _lr_factor(self, step: int) -> float:
+        if self.config.optim.schedule == "constant":
+            return 1.0
+        if self.config.optim.schedule == "poly":
+            return (1.0 - min(step, self.config.trainer.max_steps) / self.config.trainer.max_steps) ** 0.9
+        raise ValueError(f"optim.schedule='{self.config.optim.schedule}' is invalid; use poly or constant")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Collect everything a resumed run needs, as tensors and plain data."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "torch_rng": torch.get_rng_state(),
+            "config": config_to_dict(self.config),
+            "config_hash": config_hash(self.config),
+            "kitsjobs_version": __version__,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state written by ``state_dict``."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.best_metric = float(state["best_metric"])
+        self.best_step = int(state["best_step"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def resume(self) -> bool:
+        """Continue from the run's newest readable checkpoint; return whether one was found."""
+        state = load_latest(self.checkpoint_dir)
+        if state is None:
+            return False
+        if state.get("config_hash") != config_hash(self.config):
+            logger.warning(
+                "checkpoint in %s was written with another config (hash %s, now %s); resuming anyway",
+                self.checkpoint_dir,
+                state.get("config_hash"),
+                config_hash(self.config),
+            )
+        self.load_state_dict(state)
+        self._truncate_history(self.step)
+        logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
+        return True
+
+    def _truncate_history(self, step: int) -> None:
+        # Lines written after the checkpoint belong to steps that will run again.
+        if not self.history_path.exists():
+            return
+        kept = [
+            line
+            for line in self.history_path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
+        self.history_path.write_text("".join(f"{line}\n" for line in kept))
+
+    def fit(self) -> TrainResult:
+        """Train until ``trainer.max_steps``, validating and checkpointing on schedule."""
+        trainer = self.config.trainer
+        if trainer.resume:
+            self.resume()
+        self.model.train()
+        started = time.monotonic()
+        progress = tqdm(
+            total=trainer.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True
+        )
+        while self.step < trainer.max_steps:
+            loss = self._train_step()
+            self.step += 1
+            progress.update(1)
+
+            record: dict[str, Any] = {}
+            if self.step % trainer.log_every_steps == 0 or self.step == trainer.max_steps:
+                record.update(loss=loss, lr=self.scheduler.get_last_lr()[0])
+                record["elapsed_s"] = round(time.monotonic() - started, 3)
+                progress.set_postfix(loss=f"{loss:.4f}")
+            is_best = False
+            if self.val_volumes and (self.step % trainer.val_every_steps == 0 or self.step == trainer.max_steps):
+                score = self.validate()
+                record["val_dice"] = score
+                is_best = score > self.best_metric
+                if is_best:
+                    self.best_metric, self.best_step = score, self.step
+                logger.info("step %d: validation Dice %.4f (best %.4f at step %d)",
+                            self.step, score, self.best_metric, self.best_step)
+            if record:
+                self._append_history({"step": self.step, **record})
+            if is_best or self.step % trainer.checkpoint_every_steps == 0 or self.step == trainer.max_steps:
+                save_checkpoint(self.checkpoint_dir, self.state_dict(), is_best=is_best)
+        progress.close()
+        return TrainResult(self.step, self.best_metric, self.best_step)
+
+    def _train_step(self) -> float:
+        images, labels = self.sampler.sample(self.step, self.config.data.batch_size)
+        inputs = torch.from_numpy(images).to(self.device)
+        targets = torch.from_numpy(labels).to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=self.use_amp):
+            loss = self.loss(self.model(inputs), targets)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def validate(self) -> float:
+        """Return the mean Dice over validation cases and KiTS23 regions."""
+        scores = []
+        for volume in tqdm(self.val_volumes, desc="validate", unit="case", leave=False):
+            labels = self.predict(volume.image)
+            scores.append(validation_dice(labels, volume.label))  # type: ignore[arg-type]
+        return float(np.mean(scores))
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """Label one scaled volume with the current weights."""
+        trainer = self.config.trainer
+        return predict_labels(
+            self.model, image, self.config.data.patch_size, trainer.sw_overlap,
+            trainer.sw_batch_size, self.device, amp=self.use_amp,
+        )
+
+    def _append_history(self, record: dict[str, Any]) -> None:
+        with self.history_path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+
+
+def load_best_weights(model: torch.nn.Module, checkpoint_dir: Path) -> Optional[Path]:
+    """Load best.pt (or latest.pt) weights into ``model``; return the file used."""
+    from kitsjobs.train.checkpoint import BEST, LATEST, load_checkpoint
+
+    for name in (BEST, LATEST):
+        path = Path(checkpoint_dir) / name
+        if path.exists():
+            model.load_state_dict(load_checkpoint(path)["model"])
+            return path
+    return None
