@@ -92,7 +92,9 @@ class TrainerConfig:
     num_threads: int = 0
     # Resume from checkpoints/latest.pt when the run folder has one.
     resume: bool = True
-    # Sliding-window inference: window overlap fraction and windows per forward pass.
+    # Sliding-window inference: window size (z, y, x) in voxels, null for
+    # data.patch_size; overlap fraction between windows; windows per forward pass.
+    sw_roi_size: Optional[list[int]] = None
     sw_overlap: float = 0.5
     sw_batch_size: int = 2
     # Predict and score the held-out fold at the end of training.

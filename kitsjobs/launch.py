@@ -8,11 +8,13 @@ when a task starts, so ``--help`` and submission stay fast.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -47,18 +49,42 @@ def resolve_config(cfg: DictConfig) -> Config:
     return config
 
 
+def remove_untouched_run_dir(run_dir: Path) -> None:
+    """Delete a run folder that holds only what Hydra wrote before the task started.
+
+    A folder with anything else in it (checkpoints, predictions of an earlier
+    run) is left as it is.
+    """
+    hydra_files = {".hydra", "launch.log", "config.yaml"}
+    if not run_dir.is_dir() or {path.name for path in run_dir.iterdir()} - hydra_files:
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in run_dir.parents:
+        if parent == Path.cwd() or not parent.is_dir() or any(parent.iterdir()):
+            break
+        parent.rmdir()
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Run one task of the sweep in Hydra's output folder and return its score."""
+    """Run one task in Hydra's output folder and return its mean validation Dice.
+
+    A UserError ends a single run with one line on stderr and exit status 2;
+    in a sweep it is raised so that the launcher records the task as failed.
+    """
+    hydra_config = HydraConfig.get()
+    run_dir = Path(hydra_config.runtime.output_dir)
     try:
         config = resolve_config(cfg)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
 
         from kitsjobs.job import run_task
 
         return run_task(config, run_dir)
     except UserError as error:
+        if hydra_config.mode == RunMode.MULTIRUN:
+            raise
         logger.error("%s", error)
+        remove_untouched_run_dir(run_dir)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

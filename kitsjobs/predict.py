@@ -69,7 +69,7 @@ def predict_folder(checkpoint: Path, input_dir: Path, output_dir: Path, device_n
     for name, image_path in tqdm(images, desc="predict", unit="case"):
         volume = load_volume(Case(name, image_path, None), config.data.hu_min, config.data.hu_max)
         labels = predict_labels(
-            model, volume.image, config.data.patch_size, config.trainer.sw_overlap,
+            model, volume.image, config.trainer.sw_roi_size or config.data.patch_size, config.trainer.sw_overlap,
             config.trainer.sw_batch_size, device, amp=config.trainer.amp,
         )
         target = output_dir / f"{name}.nii.gz"

@@ -21,7 +21,7 @@ from kitsjobs.config import Config, config_hash, config_to_dict
 from kitsjobs.data.sampling import PatchSampler
 from kitsjobs.data.volumes import Volume
 from kitsjobs.infer.sliding import predict_labels
-from kitsjobs.metrics import REGIONS, dice
+from kitsjobs.metrics import dice
 from kitsjobs.models.factory import build_model
 from kitsjobs.train.checkpoint import load_latest, save_checkpoint
 
@@ -61,9 +61,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def validation_dice(labels: np.ndarray, reference: np.ndarray) -> float:
-    """Mean Dice over the three KiTS23 regions for one case."""
-    scores = [dice(np.isin(labels, region), np.isin(reference, region)) for region in REGIONS.values()]
-    return float(np.mean(scores))
+    """Mean Dice over the three KiTS23 regions for one case (labels in {0, 1, 2, 3})."""
+    # Comparisons instead of np.isin: the regions {1,2,3}, {2,3} and {2} are
+    # thresholds on the label value, and np.isin is 100 times slower on large volumes.
+    masks = [(labels > 0, reference > 0), (labels >= 2, reference >= 2), (labels == 2, reference == 2)]
+    return float(np.mean([dice(predicted, expected) for predicted, expected in masks]))
 
 
 class Trainer:
@@ -230,7 +232,7 @@ class Trainer:
         """Label one scaled volume with the current weights."""
         trainer = self.config.trainer
         return predict_labels(
-            self.model, image, self.config.data.patch_size, trainer.sw_overlap,
+            self.model, image, trainer.sw_roi_size or self.config.data.patch_size, trainer.sw_overlap,
             trainer.sw_batch_size, self.device, amp=self.use_amp,
         )
 

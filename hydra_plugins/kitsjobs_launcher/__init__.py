@@ -1,0 +1,1 @@
+"""Hydra discovers launchers in the ``hydra_plugins`` namespace; the code lives in kitsjobs.launcher."""

@@ -1,0 +1,113 @@
+"""The Hydra Launcher behind ``python -m kitsjobs.launch -m ...``.
+
+It reads the experiment's ``launcher`` group: ``launcher=local`` runs the tasks
+one after another in this process; every task still runs to the end when another
+fails, and a summary lists all failed tasks with their overrides.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, open_dict
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KitsjobsLauncherConf:
+    """Hydra-side settings; the user-facing ones are in the ``launcher`` config group."""
+
+    _target_: str = "hydra_plugins.kitsjobs_launcher.kitsjobs_launcher.KitsjobsLauncher"
+
+
+@dataclass
+class TaskFailure:
+    """One failed task of a sweep."""
+
+    index: int
+    overrides: str
+    error: str
+
+
+class SweepLauncher(Launcher):
+    """Launch a sweep's tasks with the backend named by ``launcher.name``.
+
+    Hydra loads launchers only from the ``hydra_plugins`` namespace, where
+    ``KitsjobsLauncher`` subclasses this one without changes.
+    """
+
+    def __init__(self, **_: Any) -> None:
+        self.config: Optional[DictConfig] = None
+        self.hydra_context: Optional[HydraContext] = None
+        self.task_function: Optional[TaskFunction] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        assert self.config is not None and self.hydra_context is not None, "setup() runs first"
+        backend = str(self.config.launcher.name)
+        if backend == "local":
+            return self._launch_local(job_overrides, initial_job_idx)
+        raise ValueError(f"launcher.name='{backend}' is not supported; use launcher=local")
+
+    def _load_task_config(self, overrides: Sequence[str], index: int) -> DictConfig:
+        assert self.config is not None and self.hydra_context is not None
+        task_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(task_config):
+            task_config.hydra.job.id = index
+            task_config.hydra.job.num = index
+        return task_config
+
+    def _launch_local(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+        assert self.config is not None and self.hydra_context is not None and self.task_function is not None
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        logger.info("running %d task(s) locally in %s", len(job_overrides), sweep_dir)
+
+        results: list[JobReturn] = []
+        failures: list[TaskFailure] = []
+        for offset, overrides in enumerate(job_overrides):
+            index = initial_job_idx + offset
+            shown = " ".join(filter_overrides(overrides)) or "(no overrides)"
+            logger.info("task #%d: %s", index, shown)
+            task_config = self._load_task_config(overrides, index)
+            HydraConfig.instance().set_config(task_config)
+            result = run_job(
+                hydra_context=self.hydra_context,
+                task_function=self.task_function,
+                config=task_config,
+                job_dir_key="hydra.sweep.dir",
+                job_subdir_key="hydra.sweep.subdir",
+            )
+            if result.status == JobStatus.FAILED:
+                # Logged while the task's own log file is still the active handler.
+                error = result._return_value
+                logger.error("task #%d failed", index, exc_info=error)
+                failures.append(TaskFailure(index, shown, f"{type(error).__name__}: {error}"))
+            results.append(result)
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+
+        log_summary(len(job_overrides), failures, sweep_dir)
+        return results
+
+
+def log_summary(task_count: int, failures: list[TaskFailure], sweep_dir: Path) -> None:
+    """Log how many tasks succeeded and every failed task with its overrides and error."""
+    if not failures:
+        logger.info("all %d task(s) finished; results in %s", task_count, sweep_dir)
+        return
+    logger.error("%d of %d task(s) failed (logs in %s/INDEX/):", len(failures), task_count, sweep_dir)
+    for failure in failures:
+        logger.error("  task #%d [%s]: %s", failure.index, failure.overrides, failure.error)
