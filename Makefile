@@ -21,8 +21,18 @@ $(STAMP): setup.cfg pyproject.toml
 demo: install
 	$(PY) -m kitsjobs.launch
 
+# As root, the local Slurm cluster of tests/cluster/ is started for the Slurm tests, and
+# stopped afterwards unless it was already running. Without root those tests skip.
 test: install
-	$(PY) -m pytest
+	@if [ "$$(id -u)" -ne 0 ]; then \
+		echo "not root: the Slurm tests will skip (run make slurm-up as root to start the cluster)"; \
+		$(PY) -m pytest; exit $$?; \
+	fi; \
+	was_up=0; sinfo >/dev/null 2>&1 && was_up=1; \
+	bash tests/cluster/up.sh || exit $$?; \
+	status=0; $(PY) -m pytest || status=$$?; \
+	if [ "$$was_up" -eq 0 ]; then bash tests/cluster/down.sh; fi; \
+	exit $$status
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not slurm"

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
@@ -28,6 +28,18 @@ from kitsjobs.train.checkpoint import load_latest, save_checkpoint
 logger = logging.getLogger(__name__)
 
 HISTORY_FILE = "history.jsonl"
+
+
+class Tracker(Protocol):
+    """Receiver of the training history (kitsjobs.tracking implements it)."""
+
+    run_id: Optional[str]
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Record one history line; ``record["step"]`` is the optimizer step."""
+
+    def finish(self) -> None:
+        """Flush and close the run."""
 
 
 @dataclass
@@ -76,6 +88,7 @@ class Trainer:
         run_dir: the task's output folder; checkpoints/ and history.jsonl go there.
         train_volumes: labelled cases to sample patches from.
         val_volumes: labelled cases scored by sliding-window Dice.
+        tracker: optional receiver of every history line (W&B, for instance).
     """
 
     def __init__(
@@ -84,8 +97,10 @@ class Trainer:
         run_dir: Path,
         train_volumes: Sequence[Volume],
         val_volumes: Sequence[Volume],
+        tracker: Optional[Tracker] = None,
     ) -> None:
         self.config = config
+        self.tracker = tracker
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.history_path = self.run_dir / HISTORY_FILE
@@ -129,6 +144,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "config": config_to_dict(self.config),
             "config_hash": config_hash(self.config),
+            "tracker_run_id": self.tracker.run_id if self.tracker else None,
             "kitsjobs_version": __version__,
         }
 
@@ -239,6 +255,8 @@ class Trainer:
     def _append_history(self, record: dict[str, Any]) -> None:
         with self.history_path.open("a") as file:
             file.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(record)
 
 
 def load_best_weights(model: torch.nn.Module, checkpoint_dir: Path) -> Optional[Path]:
