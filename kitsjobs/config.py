@@ -80,6 +80,8 @@ class TrainerConfig:
     val_every_steps: int = 250
     # Checkpoint every N optimizer steps (the last step is always saved).
     checkpoint_every_steps: int = 250
+    # Also checkpoint when this many minutes passed since the last one; 0 turns it off.
+    checkpoint_every_min: float = 30.0
     # Steps between two lines of history.jsonl and the log.
     log_every_steps: int = 10
     # "auto" (CUDA when available), "cpu" or "cuda".
@@ -90,7 +92,8 @@ class TrainerConfig:
     deterministic: bool = False
     # Torch intra-op threads; 0 keeps torch's default.
     num_threads: int = 0
-    # Resume from checkpoints/latest.pt when the run folder has one.
+    # Resume from checkpoints/latest.pt when the run folder has one; false moves
+    # earlier checkpoints to RUN/set_aside_TIMESTAMP/ and starts fresh.
     resume: bool = True
     # Sliding-window inference: window size (z, y, x) in voxels, null for
     # data.patch_size; overlap fraction between windows; windows per forward pass.
@@ -105,8 +108,38 @@ class TrainerConfig:
 class LauncherConfig:
     """How a sweep's tasks are run."""
 
-    # Only "local" for now: the tasks run one after another on this machine.
+    # "local": the tasks run one after another on this machine; "slurm": one array job.
     name: str = "local"
+    # Slurm: block until every task ended and log a summary, instead of returning once queued.
+    wait: bool = False
+    # Slurm: print the sbatch script a submission would use and submit nothing.
+    dry_run: bool = False
+    # Slurm: tasks running at once (array throttle); null is the template's GPU quota
+    # divided by slurm.gpus_per_task. It may only be lowered below that.
+    max_parallel: Optional[int] = None
+    # Slurm: job name shown by squeue and sacct.
+    job_name: str = "kitsjobs"
+    # Slurm with wait=true: seconds between two status queries.
+    poll_interval_s: float = 15.0
+
+
+@dataclass
+class SlurmConfig:
+    """Resources one task of a sweep requests; limits come from the admin template."""
+
+    # Template name: TEMPLATES_DIR/NAME.yaml.
+    template: str = "ippmed-a40"
+    # Folder of the admin templates.
+    templates_dir: str = "slurm_templates"
+    # GPUs per task (GRES); 0 for a CPU-only task.
+    gpus_per_task: int = 1
+    nodes: int = 1
+    # null: the template's cpus_per_gpu times gpus_per_task.
+    cpus_per_task: Optional[int] = None
+    # Memory per task in GB (0.5 is 512 MB); null: the template's mem_gb_per_gpu times GPUs.
+    mem_gb: Optional[float] = None
+    # Time limit in minutes; null: the template's default_time_min.
+    timeout_min: Optional[int] = None
 
 
 @dataclass
@@ -126,6 +159,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # Seed of weights initialisation and patch sampling.
     seed: int = 0

@@ -8,6 +8,7 @@ numbers, strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,3 +71,27 @@ def load_latest(folder: Path) -> Optional[dict[str, Any]]:
                 f"using {fallback} instead" if fallback else "no older checkpoint to use",
             )
     return None
+
+
+def set_aside(checkpoint_dir: Path, *companions: Path) -> Optional[Path]:
+    """Move an earlier run's checkpoints (and companion files) to a timestamped folder.
+
+    Used when a run starts fresh (``trainer.resume=false``) in a folder that has
+    checkpoints: nothing is deleted. Returns the folder they went to, or None
+    when there was nothing to move.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir() or not any(checkpoint_dir.iterdir()):
+        return None
+    target = checkpoint_dir.parent / f"set_aside_{time.strftime('%Y%m%d-%H%M%S')}"
+    suffix = 0
+    while target.exists():
+        suffix += 1
+        target = target.with_name(f"{target.name.split('.')[0]}.{suffix}")
+    target.mkdir()
+    checkpoint_dir.replace(target / checkpoint_dir.name)
+    for companion in companions:
+        if Path(companion).exists():
+            Path(companion).replace(target / Path(companion).name)
+    logger.warning("trainer.resume=false: earlier checkpoints moved to %s", target)
+    return target

@@ -23,7 +23,9 @@ from kitsjobs.data.volumes import Volume
 from kitsjobs.infer.sliding import predict_labels
 from kitsjobs.metrics import dice
 from kitsjobs.models.factory import build_model
-from kitsjobs.train.checkpoint import load_latest, save_checkpoint
+from kitsjobs.train.checkpoint import load_latest, save_checkpoint, set_aside
+from kitsjobs.train.interrupt import StopRequest, TrainingInterrupted
+from kitsjobs.train.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +91,8 @@ class Trainer:
         train_volumes: labelled cases to sample patches from.
         val_volumes: labelled cases scored by sliding-window Dice.
         tracker: optional receiver of every history line (W&B, for instance).
+        stop: flag that a signal handler sets to make ``fit`` checkpoint and stop
+            at the next step boundary.
     """
 
     def __init__(
@@ -98,10 +102,13 @@ class Trainer:
         train_volumes: Sequence[Volume],
         val_volumes: Sequence[Volume],
         tracker: Optional[Tracker] = None,
+        stop: Optional[StopRequest] = None,
     ) -> None:
         self.config = config
         self.tracker = tracker
+        self.stop = stop or StopRequest()
         self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.history_path = self.run_dir / HISTORY_FILE
         self.val_volumes = list(val_volumes)
@@ -141,7 +148,7 @@ class Trainer:
             "step": self.step,
             "best_metric": self.best_metric,
             "best_step": self.best_step,
-            "torch_rng": torch.get_rng_state(),
+            "rng": capture_rng_state(),
             "config": config_to_dict(self.config),
             "config_hash": config_hash(self.config),
             "tracker_run_id": self.tracker.run_id if self.tracker else None,
@@ -157,7 +164,7 @@ class Trainer:
         self.step = int(state["step"])
         self.best_metric = float(state["best_metric"])
         self.best_step = int(state["best_step"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng_state(state["rng"])
 
     def resume(self) -> bool:
         """Continue from the run's newest readable checkpoint; return whether one was found."""
@@ -192,8 +199,11 @@ class Trainer:
         trainer = self.config.trainer
         if trainer.resume:
             self.resume()
+        else:
+            set_aside(self.checkpoint_dir, self.history_path)
         self.model.train()
         started = time.monotonic()
+        last_checkpoint = started
         progress = tqdm(
             total=trainer.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True
         )
@@ -218,8 +228,19 @@ class Trainer:
                             self.step, score, self.best_metric, self.best_step)
             if record:
                 self._append_history({"step": self.step, **record})
-            if is_best or self.step % trainer.checkpoint_every_steps == 0 or self.step == trainer.max_steps:
+            due_by_time = (
+                trainer.checkpoint_every_min > 0
+                and time.monotonic() - last_checkpoint >= trainer.checkpoint_every_min * 60
+            )
+            stopping = self.stop.is_set()
+            if (is_best or due_by_time or stopping or self.step % trainer.checkpoint_every_steps == 0
+                    or self.step == trainer.max_steps):
                 save_checkpoint(self.checkpoint_dir, self.state_dict(), is_best=is_best)
+                last_checkpoint = time.monotonic()
+            if stopping and self.step < trainer.max_steps:
+                progress.close()
+                logger.warning("stop requested (%s): checkpoint written at step %d", self.stop.reason, self.step)
+                raise TrainingInterrupted(self.step, self.stop.reason)
         progress.close()
         return TrainResult(self.step, self.best_metric, self.best_step)
 
