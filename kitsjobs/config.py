@@ -36,27 +36,53 @@ class DataConfig:
     # HU window clipped then scaled to [0, 1].
     hu_min: float = -200.0
     hu_max: float = 400.0
-    # Fraction of patches centred on a foreground (kidney, tumor or cyst) voxel.
-    foreground_ratio: float = 0.67
+    # Weights of centring a training patch on a random voxel (background) or on a
+    # kidney, tumor or cyst voxel; a case lacking a class shares its weight among the others.
+    class_ratios: list[float] = field(default_factory=lambda: [0.4, 0.2, 0.2, 0.2])
+    # Target voxel size (z, y, x) in mm of preprocessing; null keeps each case's spacing.
+    spacing_mm: Optional[list[float]] = None
+    # Crop each case to the bounding box of voxels above this HU (and its labels); null keeps it whole.
+    body_threshold_hu: Optional[float] = -500.0
+    # Preprocessed cache folder (memory-mapped arrays); missing cases are preprocessed into it
+    # and training reads only the cache. Null loads the cases into memory instead.
+    cache_dir: Optional[str] = None
+    # dtype of cached images: float16 (half the disk and page cache) or float32.
+    cache_dtype: str = "float16"
+    # Worker processes that preprocess missing cases into cache_dir.
+    cache_jobs: int = 1
     # Patches per optimizer step.
     batch_size: int = 2
+    # Dataset check before training (kitsjobs.data.check: file pairs, headers, label
+    # values, NaN intensities): "error" stops on errors, "warn" only logs them, "off" skips it.
+    check: str = "error"
 
 
 @dataclass
 class ModelConfig:
     """Network choice and size; see kitsjobs.models.factory for the names."""
 
-    # One of: unet, segresnet.
+    # One of: unet, segresnet, dynunet, swinunetr.
     name: str = "unet"
     in_channels: int = 1
     # Background, kidney, tumor, cyst.
     out_channels: int = 4
-    # Feature maps per level (unet), and the first level's width (segresnet).
+    # Feature maps per level (unet).
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     strides: list[int] = field(default_factory=lambda: [2, 2, 2])
     num_res_units: int = 1
+    # First level's width (segresnet, dynunet).
     init_filters: int = 16
     dropout: float = 0.0
+    # Widest level of dynunet: widths double per level up to this many feature maps.
+    max_filters: int = 320
+    # Patch (z, y, x) in voxels that dynunet is planned for and swinunetr checks; [] is unset.
+    patch_size: list[int] = field(default_factory=list)
+    # Voxel size (z, y, x) in mm that the dynunet planner reads; null treats the axes as equal.
+    spacing_mm: Optional[list[float]] = None
+    # Dynunet in training mode also returns the lower decoder outputs, stacked on dim 1.
+    deep_supervision: bool = False
+    # Embedding width of swinunetr, a multiple of 12.
+    feature_size: int = 24
 
 
 @dataclass
@@ -144,10 +170,30 @@ class SlurmConfig:
 
 @dataclass
 class TrackingConfig:
-    """Experiment tracking."""
+    """Experiment tracking: the local history always, Weights & Biases optionally."""
 
-    # "none" keeps only the local history.jsonl.
+    # "none" keeps only the local history.jsonl; "wandb" also logs to Weights & Biases.
     name: str = "none"
+    # W&B project and entity (user or team); a null entity is the account's default.
+    project: str = "kitsjobs"
+    entity: Optional[str] = None
+    # W&B mode: online, offline or disabled. Null picks WANDB_MODE when set,
+    # otherwise offline inside a Slurm job and online elsewhere.
+    mode: Optional[str] = None
+    # Run group; null uses the sweep folder's name (no group for a single run).
+    group: Optional[str] = None
+    # Tags added to the model name and fold tags.
+    tags: list[str] = field(default_factory=list)
+    # Save validation slices with prediction and reference overlaid (RUN/images/, W&B).
+    log_images: bool = True
+    # Validation cases whose overlays are saved at each validation.
+    image_cases: int = 2
+    # wandb.init attempts before falling back to the local history, and the
+    # base delay of the randomised exponential backoff between them.
+    init_attempts: int = 3
+    init_retry_delay_s: float = 10.0
+    # Seconds one wandb.init attempt may take.
+    init_timeout_s: float = 90.0
 
 
 @dataclass

@@ -2,33 +2,65 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
+
+from kitsjobs.errors import UserError
+
+# Errors of the destination that a user fixes: a full disk or quota, a read-only or
+# forbidden folder.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` through ``write(file)`` into a temporary file, fsync, then rename.
 
     The temporary file sits in the same folder, so the rename is atomic on POSIX
-    file systems; it is removed if ``write`` raises.
+    file systems; it is removed if ``write`` raises, and ``path`` keeps its old content.
+
+    Raises:
+        UserError: the disk is full or the folder is read-only or forbidden.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise_write_error(path, error)
     try:
         with os.fdopen(descriptor, "wb") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise_write_error(path, error)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+
+
+def raise_write_error(path: Path, error: OSError) -> NoReturn:
+    """Re-raise a failed write: a full disk, a read-only or a forbidden folder as a UserError.
+
+    Raises:
+        UserError: ``error`` is ENOSPC, EDQUOT, EROFS, EACCES or EPERM; the message
+            names ``path`` and the system's text for the error.
+        OSError: ``error`` itself for any other cause.
+    """
+    if error.errno not in WRITE_ERRNOS:
+        raise error
+    raise UserError(
+        f"cannot write {path}: {error.strerror} ({errno.errorcode[error.errno]}); free disk space or "
+        "choose a writable output folder (hydra.run.dir=... or hydra.sweep.dir=...)"
+    ) from error
 
 
 def atomic_write_text(path: Path, text: str) -> None:

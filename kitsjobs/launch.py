@@ -7,13 +7,20 @@ when a task starts, so ``--help`` and submission stay fast.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import logging
+import os
+import re
 import shutil
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -89,5 +96,109 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
 
+def translate_flags(argv: list[str]) -> list[str]:
+    """Turn the ``--dry-run`` and ``--wait`` flags into their launcher overrides."""
+    flags = {"--dry-run": "launcher.dry_run=true", "--wait": "launcher.wait=true"}
+    return [flags.get(argument, argument) for argument in argv]
+
+
+# --- One-line errors for config mistakes --------------------------------------
+
+# Failures of the environment, not of kitsjobs: a full disk or quota, a read-only or
+# forbidden folder. They end a command with one line naming the path.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
+SWEEP_DIR_OVERRIDE = re.compile(r"\+{0,2}hydra\.sweep\.dir=(.*)")
+
+
+def run_cli(entry: Callable[[], Any], argv: Sequence[str]) -> None:
+    """Run the Hydra entry point; end a config mistake with one line and exit status 2.
+
+    Hydra 1.3 prints a multi-line report for composition errors and exits with 1
+    unless HYDRA_FULL_ERROR=1, in which case it re-raises the exception. It is set
+    here while the command runs so that the exception reaches this function. A user
+    who sets HYDRA_FULL_ERROR=1 gets Hydra's full traceback as before.
+    """
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        entry()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        reject_existing_sweep_dir(argv)
+        entry()
+    except (HydraException, OmegaConfBaseException, UserError) as error:
+        sys.exit(_report(describe_config_error(error)))
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            raise
+        sys.exit(_report(f"cannot write {error.filename or 'the output folder'}: {error.strerror}; "
+                         "free disk space or choose a writable folder with hydra.run.dir or hydra.sweep.dir"))
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+def _report(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def reject_existing_sweep_dir(argv: Sequence[str]) -> None:
+    """Reject a sweep (``-m``) into a folder given with hydra.sweep.dir that is not empty.
+
+    Runs before Hydra, which would otherwise overwrite the folder's multirun.yaml.
+
+    Raises:
+        UserError: the folder exists and contains files.
+    """
+    if "-m" not in argv and "--multirun" not in argv:
+        return
+    for argument in argv:
+        match = SWEEP_DIR_OVERRIDE.fullmatch(argument)
+        if match is None or "${" in match.group(1):
+            continue
+        folder = Path(match.group(1)).expanduser()
+        if folder.is_dir() and any(folder.iterdir()):
+            raise UserError(f"sweep folder {folder} already exists and is not empty; pass a new "
+                            "hydra.sweep.dir, or leave it out for a new dated folder")
+
+
+def describe_config_error(error: BaseException) -> str:
+    """Turn a Hydra or OmegaConf composition error into one line naming the key and the choices."""
+    if isinstance(error, UserError):
+        return str(error)
+    if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
+        group, _, name = error.missing_cfg_file.rpartition("/")
+        return f"{group}={name} is not an option of config group '{group}'; choose one of: {', '.join(error.options)}"
+    if isinstance(error, OverrideParseException):
+        return f"cannot parse override '{error.override}': {_first_line(error.message)}"
+    cause = error if isinstance(error, OmegaConfBaseException) else error.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        return _describe_key_error(cause)
+    return _first_line(str(error))
+
+
+def _describe_key_error(error: OmegaConfBaseException) -> str:
+    full_key = str(error.full_key)
+    parent, _, leaf = full_key.rpartition(".")
+    fields = _schema_fields(getattr(error, "object_type", None))
+    if leaf not in fields:
+        where = f"in '{parent}'" if parent else "at the top level"
+        return (f"unknown config key '{full_key}'; valid keys {where}: {', '.join(sorted(fields)) or '(none)'}; "
+                "fix the spelling (python -m kitsjobs.launch --cfg job shows the config)")
+    message = _first_line(str(getattr(error, "msg", "") or error))
+    return f"invalid value for {full_key}: {message}; expected {fields[leaf]}"
+
+
+def _schema_fields(object_type: Any) -> dict[str, str]:
+    """Map the field names of a schema dataclass to their annotated types, as text."""
+    if not (isinstance(object_type, type) and dataclasses.is_dataclass(object_type)):
+        return {}
+    return {field.name: str(field.type) for field in dataclasses.fields(object_type)}
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "invalid config"
+
+
 if __name__ == "__main__":
-    main()
+    sys.argv[1:] = translate_flags(sys.argv[1:])
+    run_cli(main, sys.argv[1:])

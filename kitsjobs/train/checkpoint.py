@@ -7,6 +7,7 @@ numbers, strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from kitsjobs.fsutil import atomic_write
+from kitsjobs.fsutil import atomic_write, raise_write_error
 
 logger = logging.getLogger(__name__)
 
@@ -26,20 +27,32 @@ BEST = "best.pt"
 def save_checkpoint(folder: Path, state: dict[str, Any], is_best: bool = False) -> Path:
     """Write ``state`` as the latest checkpoint, keeping the former latest as previous.
 
+    A failed write leaves the former latest checkpoint as it was.
+
     Returns:
         The path of the new latest checkpoint.
+
+    Raises:
+        UserError: the disk is full or the folder is read-only (message names the path).
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    # torch.save turns a failed file write into a RuntimeError without the OS error, so
+    # the state is serialized in memory and written by atomic_write, which reports it.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
     staged = folder / ".staged.pt"
-    atomic_write(staged, lambda file: torch.save(state, file))
+    atomic_write(staged, lambda file: file.write(payload))
 
     latest = folder / LATEST
-    if latest.exists():
-        latest.replace(folder / PREVIOUS)
-    staged.replace(latest)
+    try:
+        if latest.exists():
+            latest.replace(folder / PREVIOUS)
+        staged.replace(latest)
+    except OSError as error:
+        raise_write_error(latest, error)
     if is_best:
-        atomic_write(folder / BEST, lambda file: torch.save(state, file))
+        atomic_write(folder / BEST, lambda file: file.write(payload))
     return latest
 
 
