@@ -1,17 +1,26 @@
-"""Evaluate predicted KiTS23 segmentations against reference segmentations.
+"""Evaluate predicted KiTS23 segmentations against reference segmentations, and rank runs.
 
 Command line::
 
     python -m kitsjobs.evaluate --predictions DIR --references DIR [--csv FILE] [--jobs N]
+    python -m kitsjobs.evaluate --predictions [NAME=]DIR [NAME=]DIR ... --references DIR
+        [--leaderboard FILE.md] [--leaderboard-csv FILE.csv] [--csv FILE] [--jobs N]
 
-Both folders may use any of these layouts, and cases are matched by name:
+With one predictions folder the command prints one line per case and the mean.
+With several, each folder is one team or run, named by its folder name unless
+given as NAME=DIR, and the command ranks them as the KiTS23 challenge ranks teams
+(see :func:`kitsjobs.metrics.rank_teams`) and prints the leaderboard as Markdown.
+
+All folders may use any of these layouts, and cases are matched by name:
 
 - flat files: ``DIR/CASE.nii.gz``
 - KiTS23 case folders: ``DIR/case_XXXXX/segmentation.nii.gz``
 - cluster flat layout: ``DIR/seg/NAME.nii.gz``
 
 ``.nii`` files are accepted wherever ``.nii.gz`` is. The spacing of each case comes
-from the reference's NIfTI header zooms, in array axis order.
+from the reference's NIfTI header zooms, in array axis order. A prediction must have
+its reference's shape, and an affine equal to the reference's within
+:data:`AFFINE_TOLERANCE` on every entry.
 """
 
 from __future__ import annotations
@@ -28,13 +37,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
 from kitsjobs.data.volumes import read_nifti
 from kitsjobs.errors import UserError
 from kitsjobs.fsutil import atomic_write_text
-from kitsjobs.metrics import METRIC_COLUMNS, compute_case_metrics
+from kitsjobs.metrics import METRIC_COLUMNS, compute_case_metrics, rank_teams
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +54,23 @@ CSV_COLUMNS: tuple[str, ...] = ("case", *METRIC_COLUMNS)
 SEGMENTATION_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 CASE_FOLDER_FILE = "segmentation.nii.gz"
 CLUSTER_FOLDER = "seg"
-SPACING_RELATIVE_TOLERANCE = 1e-3
+AFFINE_TOLERANCE = 1e-3
+"""Largest difference allowed between matching entries of the prediction and reference affines (mm, or mm per voxel)."""
+
+LEADERBOARD_COLUMNS: tuple[str, ...] = (
+    "place",
+    "team",
+    "mean_dice",
+    "mean_surface_dice",
+    "dice_rank",
+    "surface_dice_rank",
+    "aggregate_rank",
+    "cases",
+    "missing_cases",
+    *METRIC_COLUMNS,
+)
+"""Columns of the leaderboard; the metric columns hold each team's mean over the cases."""
+
 _MAX_NAMES_IN_MESSAGE = 5
 _EXIT_INVALID_INPUT = 2
 
@@ -56,6 +82,25 @@ class CasePair:
     case: str
     reference: Path
     prediction: Path | None  # None when the prediction is missing and counts as all zeros
+
+
+@dataclass(frozen=True)
+class PredictionSet:
+    """A folder of predictions scored as one team or run."""
+
+    name: str
+    folder: Path
+
+
+@dataclass(frozen=True)
+class PredictionSetResult:
+    """The per-case metrics of one prediction set against the references."""
+
+    name: str
+    folder: Path
+    rows: list[dict[str, str | float]]  # one per reference case, keys of CSV_COLUMNS
+    missing_cases: tuple[str, ...]  # reference cases without a prediction, scored as all zeros
+    extra_cases: tuple[str, ...]  # predictions without a reference, ignored
 
 
 def evaluate_folders(
@@ -82,20 +127,122 @@ def evaluate_folders(
 
     Raises:
         UserError: if a folder is missing or contains no segmentation, no
-            prediction matches a reference, a file cannot be read, shapes differ, or
-            a volume has labels outside {0, 1, 2, 3}.
+            prediction matches a reference, a file cannot be read, shapes or affines
+            differ, or a volume has labels outside {0, 1, 2, 3}.
     """
     if jobs < 1:
         raise UserError(f"jobs must be at least 1, got {jobs}")
     predictions = find_segmentations(Path(predictions_dir), "predictions")
     references = find_segmentations(Path(references_dir), "references")
     pairs = pair_cases(predictions, references)
-    check_shapes(pairs)
+    check_geometry(pairs)
+    return _evaluate_pairs(pairs, jobs, progress)
 
-    with tqdm(total=len(pairs), unit="case", desc="evaluate", disable=None if progress else True) as bar:
-        if jobs == 1:
-            return [_evaluate_and_advance(pair, bar) for pair in pairs]
-        return _evaluate_in_processes(pairs, jobs, bar)
+
+def evaluate_prediction_sets(
+    prediction_sets: Sequence[PredictionSet],
+    references_dir: str | os.PathLike[str],
+    jobs: int = 1,
+    progress: bool = True,
+) -> list[PredictionSetResult]:
+    """Compute the KiTS23 metrics of several prediction folders against the same references.
+
+    Every set is scored on every reference case. A missing prediction counts as an
+    all-zero prediction, and a prediction without a reference is ignored, each with
+    a warning naming the set and the cases. Cases of all sets share one pool of
+    worker processes and one progress bar.
+
+    Args:
+        prediction_sets: the folders to score, with unique names.
+        references_dir: folder of reference label volumes in any supported layout.
+        jobs: number of worker processes. 1 evaluates in this process.
+        progress: show a tqdm progress bar over cases when stderr is a terminal.
+
+    Returns:
+        One result per set, in the order given.
+
+    Raises:
+        UserError: if two sets share a name, or for any reason listed in
+            :func:`evaluate_folders`, naming the set.
+    """
+    if jobs < 1:
+        raise UserError(f"jobs must be at least 1, got {jobs}")
+    if not prediction_sets:
+        raise UserError("no predictions folder given; pass at least one with --predictions")
+    _check_unique_names(prediction_sets)
+    references = find_segmentations(Path(references_dir), "references")
+
+    pairs_by_set: list[list[CasePair]] = []
+    extra_by_set: list[tuple[str, ...]] = []
+    for prediction_set in prediction_sets:
+        predictions = find_segmentations(prediction_set.folder, f"{prediction_set.name} predictions")
+        pairs_by_set.append(pair_cases(predictions, references, set_name=prediction_set.name))
+        extra_by_set.append(tuple(sorted(set(predictions) - set(references))))
+    check_geometry([pair for pairs in pairs_by_set for pair in pairs])
+
+    rows = _evaluate_pairs([pair for pairs in pairs_by_set for pair in pairs], jobs, progress)
+    results = []
+    for prediction_set, pairs, extra in zip(prediction_sets, pairs_by_set, extra_by_set):
+        set_rows, rows = rows[: len(pairs)], rows[len(pairs) :]
+        missing = tuple(pair.case for pair in pairs if pair.prediction is None)
+        results.append(
+            PredictionSetResult(prediction_set.name, prediction_set.folder, set_rows, missing, extra)
+        )
+    return results
+
+
+def parse_prediction_set(text: str) -> PredictionSet:
+    """Parse a ``--predictions`` value: ``NAME=DIR``, or ``DIR`` named by its folder name.
+
+    Text before the first ``=`` is taken as the name only when it contains no path
+    separator, so a folder path that contains ``=`` still works as ``DIR``.
+
+    Raises:
+        UserError: if the name or the folder is empty.
+    """
+    name, separator, folder = text.partition("=")
+    if not separator or os.sep in name:
+        name, separator, folder = "", "", text
+    if separator and not name:
+        raise UserError(f"invalid --predictions value {text!r}: the name is empty. Pass DIR or NAME=DIR")
+    if not folder:
+        raise UserError(f"invalid --predictions value {text!r}: the folder is empty. Pass DIR or NAME=DIR")
+    path = Path(folder)
+    return PredictionSet(name=name or Path(os.path.abspath(path)).name, folder=path)
+
+
+def build_leaderboard(results: Sequence[PredictionSetResult]) -> list[dict[str, str | float | int]]:
+    """Rank prediction sets and return the leaderboard rows, best first.
+
+    Returns:
+        One dict per set with the keys of :data:`LEADERBOARD_COLUMNS`. Each contains
+        the place, the team name, and the mean Dice and mean Surface Dice over all
+        cases and regions. The rank on each mean follows, then their mean as the
+        aggregate rank (lower is better). The last columns are the number of cases,
+        the number of missing cases, and the mean of each metric column.
+    """
+    rankings = rank_teams(
+        {result.name: [_metric_values(row) for row in result.rows] for result in results}
+    )
+    results_by_name = {result.name: result for result in results}
+    board: list[dict[str, str | float | int]] = []
+    for ranking in rankings:
+        result = results_by_name[ranking.team]
+        board.append(
+            {
+                "place": ranking.place,
+                "team": ranking.team,
+                "mean_dice": ranking.mean_dice,
+                "mean_surface_dice": ranking.mean_surface_dice,
+                "dice_rank": ranking.dice_rank,
+                "surface_dice_rank": ranking.surface_dice_rank,
+                "aggregate_rank": ranking.aggregate_rank,
+                "cases": len(result.rows),
+                "missing_cases": len(result.missing_cases),
+                **mean_metrics(result.rows),
+            }
+        )
+    return board
 
 
 def find_segmentations(folder: Path, role: str = "segmentations") -> dict[str, Path]:
@@ -133,38 +280,47 @@ def find_segmentations(folder: Path, role: str = "segmentations") -> dict[str, P
     return found
 
 
-def pair_cases(predictions: dict[str, Path], references: dict[str, Path]) -> list[CasePair]:
+def pair_cases(
+    predictions: dict[str, Path], references: dict[str, Path], set_name: str | None = None
+) -> list[CasePair]:
     """Match predictions to references by case name, sorted by case name.
 
     Args:
         predictions: case name to prediction file.
         references: case name to reference file.
+        set_name: name of the prediction set, put before the warnings and the error.
 
     Returns:
         One pair per reference case. A missing prediction gives ``prediction=None``
-        and a warning naming the cases.
+        and a warning naming the cases. Predictions without a reference are left
+        out, with a warning naming them.
 
     Raises:
         UserError: if no prediction matches any reference case.
     """
+    prefix = f"{set_name}: " if set_name else ""
     matched = sorted(set(predictions) & set(references))
     if not matched:
         raise UserError(
-            f"no prediction matches a reference case: predictions {_preview(predictions)}, "
+            f"{prefix}no prediction matches a reference case: predictions {_preview(predictions)}, "
             f"references {_preview(references)}. Check the folder arguments"
         )
 
     missing = sorted(set(references) - set(predictions))
     if missing:
         logger.warning(
-            "%d reference cases have no prediction and are scored as all-zero predictions: %s",
+            "%s%d reference cases have no prediction and are scored as all-zero predictions: %s",
+            prefix,
             len(missing),
             ", ".join(missing),
         )
     unused = sorted(set(predictions) - set(references))
     if unused:
         logger.warning(
-            "%d predictions have no reference and are ignored: %s", len(unused), ", ".join(unused)
+            "%s%d predictions have no reference and are ignored: %s",
+            prefix,
+            len(unused),
+            ", ".join(unused),
         )
 
     return [
@@ -173,28 +329,33 @@ def pair_cases(predictions: dict[str, Path], references: dict[str, Path]) -> lis
     ]
 
 
-def check_shapes(pairs: Iterable[CasePair]) -> None:
-    """Compare prediction and reference shapes from the NIfTI headers alone.
+def check_geometry(pairs: Iterable[CasePair]) -> None:
+    """Compare prediction and reference geometry from the NIfTI headers alone.
+
+    The shapes must be equal and the affines equal within :data:`AFFINE_TOLERANCE`
+    on every entry. Header zooms (voxel spacing) that differ while the affines
+    agree give a warning, and the metrics use the reference's spacing.
 
     Raises:
-        UserError: naming both files and shapes for the first mismatch, or
-            naming a file whose header cannot be read.
+        UserError: naming both files and shapes (and affines) for the first
+            mismatch, or naming a file whose header cannot be read.
     """
+    reference_headers: dict[Path, nib.Nifti1Image] = {}
     for pair in pairs:
         if pair.prediction is None:
             continue
-        reference_shape = read_nifti(pair.reference).shape
-        prediction_shape = read_nifti(pair.prediction).shape
-        if prediction_shape != reference_shape:
-            raise UserError(
-                f"{pair.case}: prediction {pair.prediction} has shape {prediction_shape} but "
-                f"reference {pair.reference} has shape {reference_shape}. "
-                "Resample the prediction onto the reference grid"
-            )
+        if pair.reference not in reference_headers:
+            reference_headers[pair.reference] = read_nifti(pair.reference)
+        reference = reference_headers[pair.reference]
+        prediction = read_nifti(pair.prediction)
+        _check_pair_geometry(pair, prediction, reference)
 
 
 def evaluate_case(pair: CasePair) -> dict[str, str | float]:
     """Read one case and compute its KiTS23 metrics.
+
+    The affines are not compared here: :func:`check_geometry` does that for all
+    cases before any is evaluated.
 
     Args:
         pair: the case's reference file and prediction file (None for all zeros).
@@ -210,8 +371,7 @@ def evaluate_case(pair: CasePair) -> dict[str, str | float]:
     if pair.prediction is None:
         prediction = np.zeros(reference.shape, dtype=np.uint8)
     else:
-        prediction, prediction_spacing_mm = _read_segmentation(pair.prediction)
-        _warn_if_spacing_differs(pair, prediction_spacing_mm, spacing_mm)
+        prediction, _ = _read_segmentation(pair.prediction)
 
     try:
         metrics = compute_case_metrics(prediction, reference, spacing_mm)
@@ -240,10 +400,58 @@ def write_metrics_csv(rows: Sequence[dict[str, str | float]], path: Path) -> Non
     writer.writerow(CSV_COLUMNS)
     for row in rows:
         writer.writerow([row["case"], *(f"{float(row[column]):.8f}" for column in METRIC_COLUMNS)])
-    try:
-        atomic_write_text(path, text.getvalue())
-    except OSError as error:
-        raise UserError(f"cannot write the CSV file {path}: {error}. Choose a writable path") from None
+    _write_output(path, text.getvalue(), "CSV file")
+
+
+def write_set_metrics_csv(results: Sequence[PredictionSetResult], path: Path) -> None:
+    """Write one row per set and case, with a ``team`` column before :data:`CSV_COLUMNS`, atomically.
+
+    Raises:
+        UserError: if the file or its folder cannot be written.
+    """
+    text = io.StringIO(newline="")
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(("team", *CSV_COLUMNS))
+    for result in results:
+        for row in result.rows:
+            values = (f"{float(row[column]):.8f}" for column in METRIC_COLUMNS)
+            writer.writerow([result.name, row["case"], *values])
+    _write_output(path, text.getvalue(), "CSV file")
+
+
+def write_leaderboard_csv(board: Sequence[dict[str, str | float | int]], path: Path) -> None:
+    """Write the leaderboard with :data:`LEADERBOARD_COLUMNS` atomically, means to 8 decimals.
+
+    Raises:
+        UserError: if the file or its folder cannot be written.
+    """
+    text = io.StringIO(newline="")
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(LEADERBOARD_COLUMNS)
+    for row in board:
+        writer.writerow([_format_leaderboard_value(column, row[column], decimals=8) for column in LEADERBOARD_COLUMNS])
+    _write_output(path, text.getvalue(), "leaderboard CSV file")
+
+
+def format_leaderboard_markdown(board: Sequence[dict[str, str | float | int]]) -> str:
+    """Format the leaderboard as a Markdown table, best first, means to 4 decimals."""
+    lines = [
+        "| " + " | ".join(LEADERBOARD_COLUMNS) + " |",
+        "| " + " | ".join("---" if column == "team" else "---:" for column in LEADERBOARD_COLUMNS) + " |",
+    ]
+    for row in board:
+        cells = [_format_leaderboard_value(column, row[column], decimals=4) for column in LEADERBOARD_COLUMNS]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines)
+
+
+def write_leaderboard_markdown(board: Sequence[dict[str, str | float | int]], path: Path) -> None:
+    """Write :func:`format_leaderboard_markdown` to a file atomically.
+
+    Raises:
+        UserError: if the file or its folder cannot be written.
+    """
+    _write_output(path, format_leaderboard_markdown(board) + "\n", "leaderboard file")
 
 
 def format_metrics_table(rows: Sequence[dict[str, str | float]]) -> str:
@@ -262,20 +470,68 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
-        if args.csv is not None and args.csv.is_dir():
-            # Checked first so that a long evaluation does not end in this error.
-            raise UserError(f"cannot write the CSV file {args.csv}: it is a folder. Pass a file path")
-        rows = evaluate_folders(args.predictions, args.references, jobs=args.jobs)
-        if args.csv is not None:
-            write_metrics_csv(rows, args.csv)
+        prediction_sets = [parse_prediction_set(text) for text in args.predictions]
+        # Checked first so that a long evaluation does not end in this error.
+        _check_output_paths(args)
+        if len(prediction_sets) == 1 and not _wants_leaderboard(args):
+            return _run_single_folder(args, prediction_sets[0].folder)
+        return _run_ranking(args, prediction_sets)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return _EXIT_INVALID_INPUT
+
+
+def _run_single_folder(args: argparse.Namespace, predictions_dir: Path) -> int:
+    rows = evaluate_folders(predictions_dir, args.references, jobs=args.jobs)
+    if args.csv is not None:
+        write_metrics_csv(rows, args.csv)
 
     print(format_metrics_table(rows))
     if args.csv is not None:
         print(f"wrote {len(rows)} cases to {args.csv}")
     return 0
+
+
+def _run_ranking(args: argparse.Namespace, prediction_sets: list[PredictionSet]) -> int:
+    results = evaluate_prediction_sets(prediction_sets, args.references, jobs=args.jobs)
+    board = build_leaderboard(results)
+    if args.leaderboard is not None:
+        write_leaderboard_markdown(board, args.leaderboard)
+    if args.leaderboard_csv is not None:
+        write_leaderboard_csv(board, args.leaderboard_csv)
+    if args.csv is not None:
+        write_set_metrics_csv(results, args.csv)
+
+    if len(results) == 1:
+        print(format_metrics_table(results[0].rows))
+        print()
+    print(format_leaderboard_markdown(board))
+    for path in (args.leaderboard, args.leaderboard_csv, args.csv):
+        if path is not None:
+            print(f"wrote {path}")
+    return 0
+
+
+def _wants_leaderboard(args: argparse.Namespace) -> bool:
+    return args.leaderboard is not None or args.leaderboard_csv is not None
+
+
+def _check_output_paths(args: argparse.Namespace) -> None:
+    outputs = {
+        "--csv": (args.csv, "CSV file"),
+        "--leaderboard": (args.leaderboard, "leaderboard file"),
+        "--leaderboard-csv": (args.leaderboard_csv, "leaderboard CSV file"),
+    }
+    seen: dict[Path, str] = {}
+    for option, (path, description) in outputs.items():
+        if path is None:
+            continue
+        if path.is_dir():
+            raise UserError(f"cannot write the {description} {path}: it is a folder. Pass a file path")
+        resolved = Path(os.path.abspath(path))
+        if resolved in seen:
+            raise UserError(f"{seen[resolved]} and {option} both name {path}. Pass two different files")
+        seen[resolved] = option
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -288,11 +544,20 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog=(
             f"Folder layouts: DIR/CASE.nii.gz, DIR/CASE/{CASE_FOLDER_FILE} or "
             f"DIR/{CLUSTER_FOLDER}/CASE.nii.gz. A reference without a prediction is scored "
-            "against an all-zero prediction. Exit status 2 means invalid input."
+            "against an all-zero prediction. Teams are ranked on mean Dice and on mean Surface "
+            "Dice over all cases and regions (tied teams share the mean rank), then placed by "
+            "the mean of both ranks, lower first. Exit status 2 means invalid input."
         ),
     )
     parser.add_argument(
-        "--predictions", type=Path, required=True, metavar="DIR", help="folder of predicted label volumes"
+        "--predictions",
+        required=True,
+        nargs="+",
+        metavar="[NAME=]DIR",
+        help=(
+            "folder of predicted label volumes; several folders are ranked against each other, "
+            "each one a team or run named NAME or by its folder name"
+        ),
     )
     parser.add_argument(
         "--references", type=Path, required=True, metavar="DIR", help="folder of reference label volumes"
@@ -302,7 +567,24 @@ def _build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="FILE",
-        help="write one row per case to this CSV file (no mean row), values to 8 decimals",
+        help=(
+            "write one row per case to this CSV file (no mean row), values to 8 decimals; with "
+            "several predictions folders a first column 'team' names the folder"
+        ),
+    )
+    parser.add_argument(
+        "--leaderboard",
+        type=Path,
+        default=None,
+        metavar="FILE.md",
+        help="write the leaderboard (mean Dice, mean Surface Dice, their ranks) as a Markdown table",
+    )
+    parser.add_argument(
+        "--leaderboard-csv",
+        type=Path,
+        default=None,
+        metavar="FILE.csv",
+        help="write the leaderboard as CSV, means to 8 decimals",
     )
     parser.add_argument(
         "--jobs",
@@ -364,18 +646,79 @@ def _read_segmentation(path: Path) -> tuple[np.ndarray, tuple[float, float, floa
     return labels, (float(zooms[0]), float(zooms[1]), float(zooms[2]))
 
 
-def _warn_if_spacing_differs(
-    pair: CasePair,
-    prediction_spacing_mm: tuple[float, float, float],
-    reference_spacing_mm: tuple[float, float, float],
-) -> None:
-    if not np.allclose(prediction_spacing_mm, reference_spacing_mm, rtol=SPACING_RELATIVE_TOLERANCE, atol=0):
-        logger.warning(
-            "%s: prediction spacing %s mm differs from reference spacing %s mm, using the reference spacing",
-            pair.case,
-            prediction_spacing_mm,
-            reference_spacing_mm,
+def _check_pair_geometry(pair: CasePair, prediction: nib.Nifti1Image, reference: nib.Nifti1Image) -> None:
+    if prediction.shape != reference.shape:
+        raise UserError(
+            f"{pair.case}: prediction {pair.prediction} has shape {prediction.shape} but "
+            f"reference {pair.reference} has shape {reference.shape}. "
+            "Resample the prediction onto the reference grid"
         )
+
+    difference = float(np.max(np.abs(prediction.affine - reference.affine)))
+    if not difference <= AFFINE_TOLERANCE:
+        raise UserError(
+            f"{pair.case}: prediction {pair.prediction} (shape {prediction.shape}) has affine "
+            f"{_format_affine(prediction.affine)} but reference {pair.reference} (shape "
+            f"{reference.shape}) has affine {_format_affine(reference.affine)}, which differ by "
+            f"up to {difference:.6g}, more than {AFFINE_TOLERANCE}. Save the prediction with the "
+            "reference's affine"
+        )
+
+    prediction_zooms = tuple(float(zoom) for zoom in prediction.header.get_zooms()[:3])
+    reference_zooms = tuple(float(zoom) for zoom in reference.header.get_zooms()[:3])
+    if prediction_zooms != reference_zooms:
+        logger.warning(
+            "%s: prediction spacing %s mm differs from reference spacing %s mm while the affines "
+            "agree within %s; using the reference spacing",
+            pair.case,
+            prediction_zooms,
+            reference_zooms,
+            AFFINE_TOLERANCE,
+        )
+
+
+def _format_affine(affine: np.ndarray) -> str:
+    rows = (" ".join(f"{value:.6g}" for value in row) for row in np.asarray(affine))
+    return "[" + "; ".join(rows) + "]"
+
+
+def _check_unique_names(prediction_sets: Sequence[PredictionSet]) -> None:
+    folders_by_name: dict[str, Path] = {}
+    for prediction_set in prediction_sets:
+        if prediction_set.name in folders_by_name:
+            raise UserError(
+                f"two predictions folders are named {prediction_set.name}: "
+                f"{folders_by_name[prediction_set.name]} and {prediction_set.folder}. "
+                "Name them with NAME=DIR"
+            )
+        folders_by_name[prediction_set.name] = prediction_set.folder
+
+
+def _metric_values(row: dict[str, str | float]) -> dict[str, float]:
+    return {column: float(row[column]) for column in METRIC_COLUMNS}
+
+
+def _format_leaderboard_value(column: str, value: str | float | int, decimals: int) -> str:
+    if isinstance(value, str) or column in ("place", "cases", "missing_cases"):
+        return str(value)
+    if column.endswith("_rank"):
+        # Ranks are multiples of 0.25 (mean ranks of ties, then the mean of two ranks).
+        return f"{float(value):g}"
+    return f"{float(value):.{decimals}f}"
+
+
+def _write_output(path: Path, text: str, description: str) -> None:
+    try:
+        atomic_write_text(path, text)
+    except OSError as error:
+        raise UserError(f"cannot write the {description} {path}: {error}. Choose a writable path") from None
+
+
+def _evaluate_pairs(pairs: list[CasePair], jobs: int, progress: bool) -> list[dict[str, str | float]]:
+    with tqdm(total=len(pairs), unit="case", desc="evaluate", disable=None if progress else True) as bar:
+        if jobs == 1:
+            return [_evaluate_and_advance(pair, bar) for pair in pairs]
+        return _evaluate_in_processes(pairs, jobs, bar)
 
 
 def _evaluate_and_advance(pair: CasePair, bar: tqdm) -> dict[str, str | float]:

@@ -25,10 +25,11 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import rankdata
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,103 @@ def compute_case_metrics(
         )
 
     return {column: metrics[column] for column in METRIC_COLUMNS}
+
+
+DICE_COLUMNS: tuple[str, ...] = tuple(column for column in METRIC_COLUMNS if column.startswith("dice_"))
+SURFACE_DICE_COLUMNS: tuple[str, ...] = tuple(column for column in METRIC_COLUMNS if column.startswith("sd_"))
+
+
+@dataclass(frozen=True)
+class TeamRanking:
+    """One team's place on a KiTS23-style leaderboard.
+
+    Attributes:
+        team: team or run name.
+        mean_dice: mean Dice over all cases and regions.
+        mean_surface_dice: mean Surface Dice over all cases and regions.
+        dice_rank: rank by ``mean_dice``, 1 for the highest; tied teams share the
+            mean of the ranks they span (two teams tied for first both get 1.5).
+        surface_dice_rank: rank by ``mean_surface_dice``, with the same tie rule.
+        aggregate_rank: mean of ``dice_rank`` and ``surface_dice_rank``; lower is better.
+        place: position on the leaderboard from 1. Teams with equal aggregate
+            ranks share the best place, and the next place skips (1, 1, 3).
+    """
+
+    team: str
+    mean_dice: float
+    mean_surface_dice: float
+    dice_rank: float
+    surface_dice_rank: float
+    aggregate_rank: float
+    place: int
+
+
+def rank_descending(scores: Sequence[float]) -> list[float]:
+    """Rank scores from 1 for the highest, giving tied scores the mean of their ranks.
+
+    Raises:
+        ValueError: if a score is NaN.
+    """
+    values = np.asarray(scores, dtype=np.float64)
+    if np.isnan(values).any():
+        raise ValueError(f"cannot rank NaN scores: {list(scores)}")
+    return [float(rank) for rank in rankdata(-values, method="average")]
+
+
+def rank_teams(case_metrics_by_team: Mapping[str, Sequence[Mapping[str, float]]]) -> list[TeamRanking]:
+    """Rank teams the way the KiTS23 challenge ranks its leaderboard.
+
+    Each team gets its mean Dice and its mean Surface Dice over all cases and the
+    three regions, a rank on each of the two means, and the mean of both ranks as
+    its aggregate rank. Every team should be scored on the same cases, a missing
+    prediction counting as an empty one.
+
+    Args:
+        case_metrics_by_team: team name to its per-case metrics, each a mapping
+            with at least the :data:`METRIC_COLUMNS` keys.
+
+    Returns:
+        One entry per team, best first: sorted by aggregate rank, then by team name.
+
+    Raises:
+        ValueError: if no team is given, a team has no case, or a case lacks a
+            metric column.
+    """
+    if not case_metrics_by_team:
+        raise ValueError("rank_teams needs at least one team, got none")
+    teams = list(case_metrics_by_team)
+    mean_dice = [_mean_over_cases(case_metrics_by_team[team], DICE_COLUMNS, team) for team in teams]
+    mean_surface_dice = [
+        _mean_over_cases(case_metrics_by_team[team], SURFACE_DICE_COLUMNS, team) for team in teams
+    ]
+
+    dice_ranks = rank_descending(mean_dice)
+    surface_dice_ranks = rank_descending(mean_surface_dice)
+    aggregate_ranks = [(first + second) / 2 for first, second in zip(dice_ranks, surface_dice_ranks)]
+    places = rankdata(aggregate_ranks, method="min")
+
+    rankings = [
+        TeamRanking(
+            team=team,
+            mean_dice=mean_dice[index],
+            mean_surface_dice=mean_surface_dice[index],
+            dice_rank=dice_ranks[index],
+            surface_dice_rank=surface_dice_ranks[index],
+            aggregate_rank=aggregate_ranks[index],
+            place=int(places[index]),
+        )
+        for index, team in enumerate(teams)
+    ]
+    return sorted(rankings, key=lambda ranking: (ranking.aggregate_rank, ranking.team))
+
+
+def _mean_over_cases(rows: Sequence[Mapping[str, float]], columns: Sequence[str], team: str) -> float:
+    if not rows:
+        raise ValueError(f"team {team} has no case to rank")
+    missing = sorted({column for row in rows for column in columns if column not in row})
+    if missing:
+        raise ValueError(f"team {team}: case metrics lack the columns {missing}; pass compute_case_metrics output")
+    return float(np.mean([[float(row[column]) for column in columns] for row in rows]))
 
 
 # Input checks.

@@ -16,8 +16,17 @@ import pytest
 from conftest import REPO, kits23_data_dir
 
 from kitsjobs.errors import UserError
-from kitsjobs.evaluate import CSV_COLUMNS, evaluate_folders, find_segmentations, main, write_metrics_csv
-from kitsjobs.metrics import METRIC_COLUMNS
+from kitsjobs.evaluate import (
+    CSV_COLUMNS,
+    LEADERBOARD_COLUMNS,
+    PredictionSet,
+    evaluate_folders,
+    find_segmentations,
+    main,
+    parse_prediction_set,
+    write_metrics_csv,
+)
+from kitsjobs.metrics import DICE_COLUMNS, METRIC_COLUMNS, SURFACE_DICE_COLUMNS
 
 SMALL_CASES = ("case_00061", "case_00110", "case_00257")
 OFFICIAL_VALUE_TOLERANCE = 1e-6
@@ -65,10 +74,15 @@ def run_cli(*arguments: str | Path, cwd: Path) -> subprocess.CompletedProcess[st
 
 
 def save_labels(
-    path: Path, labels: np.ndarray, spacing_mm: tuple[float, float, float] = (3.0, 0.8, 0.8)
+    path: Path,
+    labels: np.ndarray,
+    spacing_mm: tuple[float, float, float] = (3.0, 0.8, 0.8),
+    origin_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(labels.astype(np.uint8), np.diag([*spacing_mm, 1.0])), path)
+    affine = np.diag([*spacing_mm, 1.0])
+    affine[:3, 3] = origin_mm
+    nib.save(nib.Nifti1Image(labels.astype(np.uint8), affine), path)
 
 
 def small_labels(shape: tuple[int, int, int] = (6, 10, 10)) -> np.ndarray:
@@ -194,17 +208,29 @@ def test_cli_synthetic_case_scores_one(
     assert lines[1].split() == ["case_a", *["1.0000"] * len(METRIC_COLUMNS)]
 
 
-def test_spacing_difference_warns(
+def test_spacing_within_tolerance_warns(
     synthetic_folders: tuple[Path, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     predictions, references = synthetic_folders
-    save_labels(predictions / "case_a.nii.gz", small_labels(), spacing_mm=(3.0, 0.8, 0.9))
+    save_labels(predictions / "case_a.nii.gz", small_labels(), spacing_mm=(3.0, 0.8, 0.8005))
     caplog.set_level(logging.WARNING, logger="kitsjobs.evaluate")
 
     rows = evaluate_folders(predictions, references, progress=False)
 
     assert "case_a: prediction spacing (3.0, 0.8" in caplog.text
+    assert "using the reference spacing" in caplog.text
     assert rows[0]["dice_kidney_and_mass"] == 1.0
+
+
+def test_identical_geometry_does_not_warn(
+    synthetic_folders: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    predictions, references = synthetic_folders
+    caplog.set_level(logging.WARNING, logger="kitsjobs.evaluate")
+
+    evaluate_folders(predictions, references, progress=False)
+
+    assert "spacing" not in caplog.text
 
 
 def break_missing_folder(predictions: Path, references: Path) -> None:
@@ -217,6 +243,14 @@ def break_empty_folder(predictions: Path, references: Path) -> None:
 
 def break_shape(predictions: Path, references: Path) -> None:
     save_labels(predictions / "case_a.nii.gz", small_labels((6, 10, 11)))
+
+
+def break_spacing(predictions: Path, references: Path) -> None:
+    save_labels(predictions / "case_a.nii.gz", small_labels(), spacing_mm=(3.0, 0.8, 0.9))
+
+
+def break_origin(predictions: Path, references: Path) -> None:
+    save_labels(predictions / "case_a.nii.gz", small_labels(), origin_mm=(0.0, 0.0, 0.002))
 
 
 def break_labels(predictions: Path, references: Path) -> None:
@@ -246,6 +280,14 @@ def break_csv_path(predictions: Path, references: Path) -> None:
             break_shape,
             ["case_a", "(6, 10, 11)", "(6, 10, 10)", "predictions/case_a.nii.gz", "references/case_a.nii.gz"],
         ),
+        (
+            break_spacing,
+            ["case_a", "affine", "0.9", "(6, 10, 10)", "predictions/case_a.nii.gz", "references/case_a.nii.gz"],
+        ),
+        (
+            break_origin,
+            ["case_a", "affine", "up to 0.002", "predictions/case_a.nii.gz", "references/case_a.nii.gz"],
+        ),
         (break_labels, ["prediction contains labels outside {0, 1, 2, 3}: 5", "predictions/case_a.nii.gz"]),
         (break_names, ["no prediction matches a reference case", "case_b", "case_a"]),
         (break_file, ["cannot read", "predictions/case_a.nii.gz"]),
@@ -255,6 +297,8 @@ def break_csv_path(predictions: Path, references: Path) -> None:
         "missing-folder",
         "empty-folder",
         "shape-mismatch",
+        "spacing-mismatch",
+        "origin-mismatch",
         "invalid-labels",
         "no-matching-case",
         "unreadable-file",
@@ -296,3 +340,179 @@ def test_cli_rejects_zero_jobs(synthetic_folders: tuple[Path, Path], tmp_path: P
 
     assert result.returncode == 2
     assert "--jobs: must be at least 1, got 0" in result.stderr
+
+
+# Ranking several prediction folders.
+
+
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def mean_of_expected(expected: dict[str, dict[str, str]], cases: list[str], columns: tuple[str, ...]) -> float:
+    return float(np.mean([[float(expected[case][column]) for column in columns] for case in cases]))
+
+
+@needs_data
+def test_rank_annotator2_above_shifted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert DATA_DIR is not None
+    shared_cases = sorted(path.name[: -len(".nii.gz")] for path in (DATA_DIR / "annotator2").glob("*.nii.gz"))
+    references = tmp_path / "references"
+    references.mkdir()
+    for case in shared_cases:
+        (references / f"{case}.nii.gz").symlink_to(DATA_DIR / "labels" / f"{case}.nii.gz")
+    leaderboard_md = tmp_path / "board" / "leaderboard.md"
+    leaderboard_csv = tmp_path / "board" / "leaderboard.csv"
+
+    exit_code = main(
+        [
+            "--predictions", str(DATA_DIR / "shifted"), str(DATA_DIR / "annotator2"),
+            "--references", str(references),
+            "--leaderboard", str(leaderboard_md),
+            "--leaderboard-csv", str(leaderboard_csv),
+            "--jobs", "2",
+        ]
+    )
+
+    assert exit_code == 0
+    board = read_csv_rows(leaderboard_csv)
+    assert [row["team"] for row in board] == ["annotator2", "shifted"]
+    assert [row["place"] for row in board] == ["1", "2"]
+    assert [row["dice_rank"] for row in board] == ["1", "2"]
+    assert [row["surface_dice_rank"] for row in board] == ["1", "2"]
+    assert [row["aggregate_rank"] for row in board] == ["1", "2"]
+    for row in board:
+        expected = read_expected(row["team"])
+        assert row["cases"] == str(len(shared_cases))
+        assert row["missing_cases"] == "0"
+        expected_dice = mean_of_expected(expected, shared_cases, DICE_COLUMNS)
+        expected_surface_dice = mean_of_expected(expected, shared_cases, SURFACE_DICE_COLUMNS)
+        assert float(row["mean_dice"]) == pytest.approx(expected_dice, abs=OFFICIAL_VALUE_TOLERANCE)
+        assert float(row["mean_surface_dice"]) == pytest.approx(expected_surface_dice, abs=OFFICIAL_VALUE_TOLERANCE)
+    markdown = leaderboard_md.read_text().splitlines()
+    assert markdown[0] == "| " + " | ".join(LEADERBOARD_COLUMNS) + " |"
+    assert markdown[2].startswith("| 1 | annotator2 | ")
+    assert markdown[3].startswith("| 2 | shifted | ")
+    printed = capsys.readouterr().out
+    assert "| 1 | annotator2 | " in printed
+
+
+@pytest.fixture
+def three_teams(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    """References case_a and case_b; teams 'exact' and 'copy' predict both exactly, 'partial' only case_a."""
+    references = tmp_path / "references"
+    teams = {name: tmp_path / name for name in ("exact", "copy", "partial")}
+    for case in ("case_a", "case_b"):
+        save_labels(references / f"{case}.nii.gz", small_labels())
+        save_labels(teams["exact"] / f"{case}.nii.gz", small_labels())
+        save_labels(teams["copy"] / f"{case}.nii.gz", small_labels())
+    save_labels(teams["partial"] / "case_a.nii.gz", small_labels())
+    save_labels(teams["partial"] / "case_z.nii.gz", small_labels())
+    return references, teams
+
+
+def test_ranking_ties_and_missing_case(
+    three_teams: tuple[Path, dict[str, Path]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    references, teams = three_teams
+    leaderboard_csv = tmp_path / "leaderboard.csv"
+    cases_csv = tmp_path / "cases.csv"
+    caplog.set_level(logging.WARNING, logger="kitsjobs.evaluate")
+
+    exit_code = main(
+        [
+            "--predictions", str(teams["partial"]), f"second={teams['copy']}", str(teams["exact"]),
+            "--references", str(references),
+            "--leaderboard-csv", str(leaderboard_csv),
+            "--csv", str(cases_csv),
+        ]
+    )
+
+    assert exit_code == 0
+    board = {row["team"]: row for row in read_csv_rows(leaderboard_csv)}
+    assert list(board) == ["exact", "second", "partial"]
+    assert board["exact"]["dice_rank"] == board["second"]["dice_rank"] == "1.5"
+    assert board["exact"]["place"] == board["second"]["place"] == "1"
+    assert board["partial"]["place"] == "3"
+    assert board["partial"]["aggregate_rank"] == "3"
+    assert board["partial"]["missing_cases"] == "1"
+    # case_b is missing, so it scores 0 and the mean over both cases is 0.5.
+    assert float(board["partial"]["mean_dice"]) == 0.5
+    assert float(board["exact"]["mean_surface_dice"]) == 1.0
+    assert "partial: 1 reference cases have no prediction and are scored as all-zero predictions: case_b" in caplog.text
+    assert "partial: 1 predictions have no reference and are ignored: case_z" in caplog.text
+    case_rows = read_csv_rows(cases_csv)
+    assert list(case_rows[0]) == ["team", *CSV_COLUMNS]
+    assert [(row["team"], row["case"]) for row in case_rows] == [
+        ("partial", "case_a"), ("partial", "case_b"), ("second", "case_a"),
+        ("second", "case_b"), ("exact", "case_a"), ("exact", "case_b"),
+    ]
+    assert float(case_rows[1]["dice_tumor"]) == 0.0
+
+
+def test_one_folder_with_leaderboard(three_teams: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
+    references, teams = three_teams
+    leaderboard_md = tmp_path / "leaderboard.md"
+
+    exit_code = main(
+        ["--predictions", str(teams["exact"]), "--references", str(references), "--leaderboard", str(leaderboard_md)]
+    )
+
+    assert exit_code == 0
+    lines = leaderboard_md.read_text().splitlines()
+    assert len(lines) == 3
+    assert lines[2].startswith("| 1 | exact | 1.0000 | 1.0000 | 1 | 1 | 1 | 2 | 0 |")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("runs/unet", PredictionSet("unet", Path("runs/unet"))),
+        ("best=runs/unet", PredictionSet("best", Path("runs/unet"))),
+        ("runs/lr=3e-4", PredictionSet("lr=3e-4", Path("runs/lr=3e-4"))),
+        ("runs/unet/", PredictionSet("unet", Path("runs/unet"))),
+    ],
+    ids=["folder-name", "named", "equals-in-path", "trailing-slash"],
+)
+def test_parse_prediction_set(text: str, expected: PredictionSet) -> None:
+    assert parse_prediction_set(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("predictions", "options", "expected_words"),
+    [
+        (["{copy}", "copy={exact}"], [], ["two predictions folders are named copy", "NAME=DIR"]),
+        (["=x"], [], ["invalid --predictions value '=x': the name is empty"]),
+        (["{exact}", "{missing}"], [], ["missing predictions folder not found"]),
+        (
+            ["{exact}", "{copy}"],
+            ["--leaderboard", "{out}", "--leaderboard-csv", "{out}"],
+            ["--leaderboard and --leaderboard-csv both name"],
+        ),
+    ],
+    ids=["duplicate-name", "empty-name", "missing-folder", "same-output"],
+)
+def test_ranking_bad_input_exits_2(
+    three_teams: tuple[Path, dict[str, Path]],
+    tmp_path: Path,
+    predictions: list[str],
+    options: list[str],
+    expected_words: list[str],
+) -> None:
+    references, teams = three_teams
+    paths = {name: str(path) for name, path in teams.items()}
+    paths.update(missing=str(tmp_path / "missing"), out=str(tmp_path / "board.md"))
+    prediction_arguments = [argument.format(**paths) for argument in predictions]
+    option_arguments = [argument.format(**paths) for argument in options]
+
+    result = run_cli(
+        "--predictions", *prediction_arguments, "--references", references, *option_arguments, cwd=tmp_path
+    )
+
+    assert result.returncode == 2
+    stderr_lines = result.stderr.strip().splitlines()
+    assert len(stderr_lines) == 1, result.stderr
+    for word in expected_words:
+        assert word in stderr_lines[0]
+    assert not (tmp_path / "board.md").exists()

@@ -310,3 +310,63 @@ def test_non_3d_volume_rejected() -> None:
     volume = np.zeros((4, 5), dtype=np.uint8)
     with pytest.raises(ValueError, match="expected a 3D array"):
         compute_case_metrics(volume, volume, (1.0, 1.0, 1.0))
+
+
+def team_rows(dice_value: float, surface_dice_value: float, cases: int = 2) -> list[dict[str, float]]:
+    row = {column: dice_value for column in METRIC_COLUMNS if column.startswith("dice_")}
+    row.update({column: surface_dice_value for column in METRIC_COLUMNS if column.startswith("sd_")})
+    return [dict(row) for _ in range(cases)]
+
+
+def test_rank_teams_orders_by_aggregate_rank() -> None:
+    rankings = metrics.rank_teams(
+        {
+            "low": team_rows(0.5, 0.5),
+            "dice_first": team_rows(0.9, 0.6),
+            "sd_first": team_rows(0.8, 0.7),
+        }
+    )
+
+    assert [ranking.team for ranking in rankings] == ["dice_first", "sd_first", "low"]
+    assert [ranking.dice_rank for ranking in rankings] == [1.0, 2.0, 3.0]
+    assert [ranking.surface_dice_rank for ranking in rankings] == [2.0, 1.0, 3.0]
+    assert [ranking.aggregate_rank for ranking in rankings] == [1.5, 1.5, 3.0]
+    # Equal aggregate ranks share the place; the team name orders them.
+    assert [ranking.place for ranking in rankings] == [1, 1, 3]
+    assert rankings[0].mean_dice == pytest.approx(0.9)
+    assert rankings[0].mean_surface_dice == pytest.approx(0.6)
+
+
+def test_rank_teams_means_over_cases_and_regions() -> None:
+    rows = team_rows(1.0, 1.0)
+    rows[1] = {column: 0.0 for column in METRIC_COLUMNS}
+    rows[1]["dice_tumor"] = 0.6
+
+    (ranking,) = metrics.rank_teams({"only": rows})
+
+    assert ranking.mean_dice == pytest.approx((3 * 1.0 + 0.6) / 6)
+    assert ranking.mean_surface_dice == pytest.approx(0.5)
+    assert ranking.place == 1
+
+
+def test_rank_descending_ties_share_mean_rank() -> None:
+    assert metrics.rank_descending([0.8, 0.9, 0.8, 0.1]) == [2.5, 1.0, 2.5, 4.0]
+
+
+@pytest.mark.parametrize(
+    ("teams", "message"),
+    [
+        ({}, "at least one team"),
+        ({"empty": []}, "team empty has no case"),
+        ({"partial": [{"dice_tumor": 1.0}]}, "team partial: case metrics lack the columns"),
+    ],
+    ids=["no-team", "no-case", "missing-column"],
+)
+def test_rank_teams_rejects_bad_input(teams: dict[str, list[dict[str, float]]], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        metrics.rank_teams(teams)
+
+
+def test_rank_descending_rejects_nan() -> None:
+    with pytest.raises(ValueError, match="cannot rank NaN scores"):
+        metrics.rank_descending([0.5, float("nan")])

@@ -21,7 +21,7 @@ from kitsjobs.config import Config, config_hash, config_to_dict
 from kitsjobs.data.sampling import PatchSampler
 from kitsjobs.data.volumes import Volume
 from kitsjobs.infer.sliding import predict_labels
-from kitsjobs.metrics import dice
+from kitsjobs.metrics import METRIC_COLUMNS, compute_case_metrics, dice
 from kitsjobs.models.factory import build_model
 from kitsjobs.train.checkpoint import load_latest, save_checkpoint, set_aside
 from kitsjobs.train.interrupt import StopRequest, TrainingInterrupted
@@ -116,7 +116,7 @@ class Trainer:
 
         seed_everything(config.seed, config.trainer.deterministic)
         self.sampler = PatchSampler(
-            train_volumes, config.data.patch_size, config.data.foreground_ratio, config.seed
+            train_volumes, config.data.patch_size, config.data.class_ratios, config.seed
         )
         self.model = build_model(config.model).to(self.device)
         self.optimizer = torch.optim.AdamW(
@@ -130,6 +130,8 @@ class Trainer:
         self.step = 0
         self.best_metric = float("-inf")
         self.best_step = -1
+        # Per-region means of the latest validation, keys val_dice_REGION and val_sd_REGION.
+        self.last_validation: dict[str, float] = {}
 
     def _lr_factor(self, step: int) -> float:
         if self.config.optim.schedule == "constant":
@@ -207,8 +209,13 @@ class Trainer:
         progress = tqdm(
             total=trainer.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True
         )
+        # Training time and steps since the last history line, for patches/s.
+        window_train_s, window_steps = 0.0, 0
         while self.step < trainer.max_steps:
+            step_started = time.monotonic()
             loss = self._train_step()
+            window_train_s += time.monotonic() - step_started
+            window_steps += 1
             self.step += 1
             progress.update(1)
 
@@ -216,11 +223,14 @@ class Trainer:
             if self.step % trainer.log_every_steps == 0 or self.step == trainer.max_steps:
                 record.update(loss=loss, lr=self.scheduler.get_last_lr()[0])
                 record["elapsed_s"] = round(time.monotonic() - started, 3)
+                record.update(self._throughput_record(window_steps, window_train_s))
+                window_train_s, window_steps = 0.0, 0
                 progress.set_postfix(loss=f"{loss:.4f}")
             is_best = False
             if self.val_volumes and (self.step % trainer.val_every_steps == 0 or self.step == trainer.max_steps):
                 score = self.validate()
                 record["val_dice"] = score
+                record.update(self.last_validation)
                 is_best = score > self.best_metric
                 if is_best:
                     self.best_metric, self.best_step = score, self.step
@@ -250,20 +260,52 @@ class Trainer:
         targets = torch.from_numpy(labels).to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=self.use_amp):
-            loss = self.loss(self.model(inputs), targets)
+            loss = self._loss(self.model(inputs), targets)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         return float(loss.detach())
 
+    def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if outputs.dim() == targets.dim() + 1:
+            # Deep supervision (DynUNet in training mode): (B, heads, C, z, y, x), every head
+            # already at full resolution; head i weighs 1/2**i, as in nnU-Net.
+            weights = [0.5**head for head in range(outputs.shape[1])]
+            total = sum(w * self.loss(outputs[:, head], targets) for head, w in enumerate(weights))
+            return total / sum(weights)
+        return self.loss(outputs, targets)
+
     def validate(self) -> float:
-        """Return the mean Dice over validation cases and KiTS23 regions."""
+        """Return the mean Dice over validation cases and KiTS23 regions.
+
+        Also stores the per-region means of Dice and Surface Dice in
+        ``last_validation`` and hands each case to the tracker's ``log_images``
+        (when it has one), which saves overlays of a few cases.
+        """
         scores = []
+        case_metrics = []
         for volume in tqdm(self.val_volumes, desc="validate", unit="case", leave=False):
             labels = self.predict(volume.image)
             scores.append(validation_dice(labels, volume.label))  # type: ignore[arg-type]
+            case_metrics.append(compute_case_metrics(labels, volume.label, volume.spacing_mm))  # type: ignore[arg-type]
+            log_images = getattr(self.tracker, "log_images", None)
+            if log_images is not None:
+                log_images(self.step, volume.name, volume.image, labels, volume.label)
+        self.last_validation = {
+            f"val_{column}": float(np.mean([metrics[column] for metrics in case_metrics]))
+            for column in METRIC_COLUMNS
+        }
         return float(np.mean(scores))
+
+    def _throughput_record(self, steps: int, train_s: float) -> dict[str, float]:
+        """Training patches per second over the last ``steps`` steps, and the peak CUDA memory in GiB."""
+        record = {}
+        if train_s > 0:
+            record["patches_per_s"] = round(steps * self.config.data.batch_size / train_s, 3)
+        if self.device.type == "cuda":
+            record["gpu_mem_peak_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+        return record
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Label one scaled volume with the current weights."""
