@@ -2,7 +2,8 @@
 
 It reads the experiment's ``launcher`` group: ``launcher=local`` runs the tasks
 one after another in this process; every task still runs to the end when another
-fails, and a summary lists all failed tasks with their overrides.
+fails, and a summary lists all failed tasks with their overrides. ``launcher=slurm``
+submits them as one Slurm array job (kitsjobs.slurm.sweep).
 """
 
 from __future__ import annotations
@@ -60,7 +61,11 @@ class SweepLauncher(Launcher):
         backend = str(self.config.launcher.name)
         if backend == "local":
             return self._launch_local(job_overrides, initial_job_idx)
-        raise ValueError(f"launcher.name='{backend}' is not supported; use launcher=local")
+        if backend == "slurm":
+            from kitsjobs.slurm.sweep import launch_slurm_sweep
+
+            return launch_slurm_sweep(self.config, self._load_task_config, job_overrides, initial_job_idx)
+        raise ValueError(f"launcher.name='{backend}' is not supported; use launcher=local or launcher=slurm")
 
     def _load_task_config(self, overrides: Sequence[str], index: int) -> DictConfig:
         assert self.config is not None and self.hydra_context is not None

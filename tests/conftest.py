@@ -39,3 +39,20 @@ def write_case(folder: Path, name: str, image: np.ndarray, label: np.ndarray | N
     nib.save(nib.Nifti1Image(image.astype(np.int16), affine), case / "imaging.nii.gz")
     if label is not None:
         nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), case / "segmentation.nii.gz")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> str:
+    """The local Slurm test cluster (tests/cluster/up.sh); returns cluster_status()'s summary.
+
+    Skips the test with the reason when no usable cluster answers, or fails it when
+    KITSJOBS_REQUIRE_SLURM=1 (as CI sets it).
+    """
+    from slurm_cluster import REQUIRE_SLURM_ENV, cluster_status
+
+    usable, reason = cluster_status()
+    if usable:
+        return reason
+    if os.environ.get(REQUIRE_SLURM_ENV) == "1":
+        pytest.fail(f"{REQUIRE_SLURM_ENV}=1 but no usable Slurm cluster: {reason}", pytrace=False)
+    pytest.skip(reason)

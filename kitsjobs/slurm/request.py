@@ -1,0 +1,83 @@
+"""The resources one array task requests: the experiment's ``slurm`` group filled in from its template."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from kitsjobs.config import LauncherConfig, SlurmConfig
+from kitsjobs.errors import UserError
+from kitsjobs.slurm.templates import SlurmTemplate
+
+
+@dataclass(frozen=True)
+class ResourceRequest:
+    """What each task of the array asks Slurm for."""
+
+    gpus_per_node: int
+    nodes: int
+    cpus_per_task: int
+    mem_mb: int  # per node, in MB (sbatch --mem)
+    time_min: int
+
+    @property
+    def gpus_per_job(self) -> int:
+        """GPUs one task holds over all its nodes."""
+        return self.gpus_per_node * self.nodes
+
+
+def build_request(slurm: SlurmConfig, template: SlurmTemplate) -> ResourceRequest:
+    """Fill the unset fields of ``slurm`` from ``template`` and check their ranges.
+
+    CPUs and memory scale with the GPU count (at least one GPU's worth for a CPU-only task).
+
+    Raises:
+        UserError: a negative GPU count, no nodes, or a non-positive CPU, memory or time value.
+    """
+    if slurm.gpus_per_task < 0:
+        raise UserError(f"slurm.gpus_per_task={slurm.gpus_per_task} is negative; use 0 or more")
+    if slurm.nodes < 1:
+        raise UserError(f"slurm.nodes={slurm.nodes} must be 1 or more")
+    gpu_units = max(slurm.gpus_per_task, 1)
+    cpus = slurm.cpus_per_task if slurm.cpus_per_task is not None else template.cpus_per_gpu * gpu_units
+    mem_gb = slurm.mem_gb if slurm.mem_gb is not None else template.mem_gb_per_gpu * gpu_units
+    time_min = slurm.timeout_min if slurm.timeout_min is not None else template.default_time_min
+    if cpus < 1:
+        raise UserError(f"slurm.cpus_per_task={cpus} must be 1 or more (or null for the template's value)")
+    if mem_gb <= 0:
+        raise UserError(f"slurm.mem_gb={mem_gb} must be above 0, e.g. slurm.mem_gb=0.5 for 512 MB")
+    if time_min < 1:
+        raise UserError(f"slurm.timeout_min={time_min} must be 1 or more minutes")
+    # Memory is rendered in MB so that fractions of a GB (0.5 GB = 512 MB) stay exact.
+    mem_mb = max(1, math.ceil(mem_gb * 1024))
+    return ResourceRequest(slurm.gpus_per_task, slurm.nodes, cpus, mem_mb, time_min)
+
+
+def array_throttle(request: ResourceRequest, template: SlurmTemplate, launcher: LauncherConfig,
+                   task_count: int) -> int:
+    """Return how many tasks of the array may run at once (the ``%N`` of ``--array``).
+
+    With GPUs it is the template's per-user GPU quota divided by the GPUs of one task, so the
+    array never waits on the QoS limit; ``launcher.max_parallel`` may lower it.
+
+    Raises:
+        UserError: ``launcher.max_parallel`` is below 1 or above the quota's share.
+    """
+    if request.gpus_per_job > 0:
+        allowed: Optional[int] = template.gpu_quota_per_user // request.gpus_per_job
+    else:
+        allowed = None
+    wanted = launcher.max_parallel
+    if wanted is not None and wanted < 1:
+        raise UserError(f"launcher.max_parallel={wanted} must be 1 or more (or null for the quota's share)")
+    if wanted is not None and allowed is not None and wanted > allowed:
+        raise UserError(
+            f"launcher.max_parallel={wanted} is above what the GPU quota allows: "
+            f"{template.gpu_quota_per_user} GPUs per user / {request.gpus_per_job} per task = {allowed}; "
+            f"use launcher.max_parallel={allowed} or less"
+        )
+    throttle = wanted if wanted is not None else allowed
+    if throttle is None:
+        throttle = task_count
+    return max(1, min(throttle, task_count))
