@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import dataclasses
 import logging
 import os
 import re
@@ -42,7 +43,13 @@ def resolve_config(cfg: DictConfig) -> Config:
             interpolation cannot be resolved.
     """
     try:
-        config = OmegaConf.to_object(cfg)
+        # Section by section, so that a config still holding Hydra's own node
+        # (as the Slurm launcher composes it) resolves without a copy.
+        values = {}
+        for section in dataclasses.fields(Config):
+            node = cfg[section.name]
+            values[section.name] = OmegaConf.to_object(node) if isinstance(node, DictConfig) else node
+        config = Config(**values)
     except MissingMandatoryValue as error:
         key = error.full_key or "a mandatory value"
         raise UserError(

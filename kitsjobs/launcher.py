@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.hydra_config import HydraConfig
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
+
+from kitsjobs.compose import TaskComposer
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,13 @@ class KitsjobsLauncherConf:
     """Hydra-side settings; the user-facing ones are in the ``launcher`` config group."""
 
     _target_: str = "hydra_plugins.kitsjobs_launcher.kitsjobs_launcher.KitsjobsLauncher"
+
+
+@dataclass
+class KitsjobsSweeperConf(BasicSweeperConf):
+    """Settings of ComposingSweeper (those of Hydra's basic sweeper)."""
+
+    _target_: str = "hydra_plugins.kitsjobs_launcher.kitsjobs_launcher.KitsjobsSweeper"
 
 
 @dataclass
@@ -50,11 +60,13 @@ class SweepLauncher(Launcher):
         self.config: Optional[DictConfig] = None
         self.hydra_context: Optional[HydraContext] = None
         self.task_function: Optional[TaskFunction] = None
+        self.composer: Optional[TaskComposer] = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
         self.hydra_context = hydra_context
         self.task_function = task_function
+        self.composer = TaskComposer(config, hydra_context)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.config is not None and self.hydra_context is not None, "setup() runs first"
@@ -68,12 +80,8 @@ class SweepLauncher(Launcher):
         raise ValueError(f"launcher.name='{backend}' is not supported; use launcher=local or launcher=slurm")
 
     def _load_task_config(self, overrides: Sequence[str], index: int) -> DictConfig:
-        assert self.config is not None and self.hydra_context is not None
-        task_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        with open_dict(task_config):
-            task_config.hydra.job.id = index
-            task_config.hydra.job.num = index
-        return task_config
+        assert self.composer is not None, "setup() runs first"
+        return self.composer.compose(overrides, index)
 
     def _launch_local(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
@@ -116,3 +124,20 @@ def log_summary(task_count: int, failures: list[TaskFailure], sweep_dir: Path) -
     logger.error("%d of %d task(s) failed (logs in %s/INDEX/):", len(failures), task_count, sweep_dir)
     for failure in failures:
         logger.error("  task #%d [%s]: %s", failure.index, failure.overrides, failure.error)
+
+
+class ComposingSweeper(BasicSweeper):
+    """Hydra's basic sweeper, validating the batch with kitsjobs' shared compositions.
+
+    Hydra's own check composes every task from scratch before the launcher
+    composes it again; this one composes each distinct set of group choices once.
+    """
+
+    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+        composer = getattr(self.launcher, "composer", None)
+        if composer is None:
+            super().validate_batch_is_legal(batch)
+            return
+        # Hydra's BasicSweeper numbers the tasks of its single batch from 0.
+        for offset, overrides in enumerate(batch):
+            composer.compose(overrides, offset)

@@ -8,7 +8,6 @@ array, write the manifest, then return (or wait with ``launcher.wait=true``).
 
 from __future__ import annotations
 
-import copy
 import logging
 import sys
 import time
@@ -17,7 +16,8 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+import yaml
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kitsjobs.config import Config
 from kitsjobs.errors import UserError
@@ -28,6 +28,10 @@ from kitsjobs.slurm.templates import load_template
 from kitsjobs.slurm.worker import TaskRunner
 
 logger = logging.getLogger(__name__)
+
+# libyaml's dumper when PyYAML was built with it: several times faster for the
+# .hydra files written for every task.
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 # Loads the composed config of one task from its overrides and index.
 TaskConfigLoader = Callable[[Sequence[str], int], DictConfig]
@@ -126,10 +130,7 @@ def _resolve_task(task_config: DictConfig, sweep_dir: Path) -> tuple[Config, Pat
             "keep hydra.sweep.subdir a relative name such as ${hydra.job.num}"
         )
     HydraConfig.instance().set_config(task_config)
-    job_config = copy.deepcopy(task_config)
-    with read_write(job_config), open_dict(job_config):
-        del job_config["hydra"]
-    return resolve_config(job_config), run_dir
+    return resolve_config(task_config), run_dir
 
 
 def _common_settings(configs: Sequence[Config], job_overrides: Sequence[Sequence[str]]) -> Config:
@@ -151,14 +152,20 @@ def _common_settings(configs: Sequence[Config], job_overrides: Sequence[Sequence
 
 def write_hydra_files(task_config: DictConfig, run_dir: Path) -> None:
     """Write RUN_DIR/.hydra/config.yaml, hydra.yaml and overrides.yaml as Hydra's run_job does."""
+    # Plain containers instead of copies of the config: a deep copy of a DictConfig
+    # costs tens of milliseconds, and a sweep writes these files for every task.
     hydra_dir = run_dir / ".hydra"
-    hydra_node = copy.deepcopy(task_config.hydra)
-    job_config = copy.deepcopy(task_config)
-    with read_write(job_config), open_dict(job_config):
-        del job_config["hydra"]
-    atomic_write_text(hydra_dir / "config.yaml", OmegaConf.to_yaml(job_config))
-    atomic_write_text(hydra_dir / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_node})))
-    atomic_write_text(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(task_config.hydra.overrides.task))
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    container = OmegaConf.to_container(task_config, resolve=False, enum_to_str=True)
+    assert isinstance(container, dict)
+    hydra_node = container.pop("hydra")
+    files = {
+        "config.yaml": container,
+        "hydra.yaml": {"hydra": hydra_node},
+        "overrides.yaml": hydra_node["overrides"]["task"],
+    }
+    for name, value in files.items():
+        (hydra_dir / name).write_text(yaml.dump(value, Dumper=_YAML_DUMPER, sort_keys=False))
 
 
 def _log_submitted(array_job_id: str, tasks: Sequence[submission.SweepTask], sweep_dir: Path,
