@@ -112,6 +112,9 @@ class TrainerConfig:
     log_every_steps: int = 10
     # "auto" (CUDA when available), "cpu" or "cuda".
     device: str = "auto"
+    # Training processes per node (one per GPU on CUDA): with launcher=slurm, the number of
+    # Slurm tasks per node (sbatch --ntasks-per-node); above 1 in total, DistributedDataParallel.
+    devices: int = 1
     # Mixed precision on CUDA; ignored on CPU.
     amp: bool = True
     # Deterministic algorithms (slower on GPU).

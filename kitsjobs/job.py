@@ -6,6 +6,7 @@ function runs under the local launcher and on a Slurm compute node.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -36,6 +37,8 @@ from kitsjobs.errors import UserError
 from kitsjobs.fsutil import atomic_write_json, atomic_write_text
 from kitsjobs.metrics import METRIC_COLUMNS, compute_case_metrics
 from kitsjobs.tracking import open_tracker
+from kitsjobs.train.distributed import DistributedContext, synchronize
+from kitsjobs.train.interrupt import StopRequest
 from kitsjobs.train.loop import Trainer, load_best_weights
 
 logger = logging.getLogger(__name__)
@@ -142,7 +145,8 @@ RUN_IDENTITY_SECTIONS = ("data", "model", "optim", "seed")
 # Keys of those sections that change how a run reads data, not what it learns.
 RESUMABLE_KEYS = frozenset({"data.check", "data.cache_dir", "data.cache_jobs", "data.demo_cases"})
 # What Hydra writes into the run folder before the task starts, and what the task writes first.
-RUN_START_FILES = frozenset({".hydra", "launch.log", "config.yaml", "split.json"})
+# logs/ holds one file per Slurm attempt and rank.
+RUN_START_FILES = frozenset({".hydra", "launch.log", "config.yaml", "split.json", "logs"})
 
 
 def check_dataset_headers(config: Config) -> None:
@@ -265,11 +269,21 @@ def predict_and_score(trainer: Trainer, cases: list[Case], run_dir: Path) -> dic
     return {"checkpoint": str(checkpoint) if checkpoint else None, "cases": per_case, "mean": mean}
 
 
-def run_task(config: Config, run_dir: Path) -> float:
+def run_task(config: Config, run_dir: Path, stop: StopRequest | None = None,
+             dist: DistributedContext | None = None) -> float:
     """Train, predict and score one experiment in ``run_dir``; return the mean validation Dice.
+
+    Args:
+        config: the resolved experiment.
+        run_dir: the task's folder; a folder with an earlier run of the same config is resumed.
+        stop: flag a signal handler sets; training then checkpoints at the next step boundary
+            and raises TrainingInterrupted.
+        dist: this process's rank in a multi-process job; only rank 0 checks and writes the
+            run folder, tracks and predicts.
 
     Raises:
         UserError: a dataset or config problem the user can fix.
+        TrainingInterrupted: ``stop`` was set before the last step.
     """
     started = time.monotonic()
     run_dir = Path(run_dir)
@@ -278,8 +292,12 @@ def run_task(config: Config, run_dir: Path) -> float:
         raise UserError("data.root is not set; pass data.root=/path/to/dataset")
     if config.trainer.num_threads > 0:
         torch.set_num_threads(config.trainer.num_threads)
-    check_run_folder(config, run_dir)
-    write_run_config(config, run_dir)
+    is_main = dist is None or dist.is_main
+    if is_main:
+        check_run_folder(config, run_dir)
+        write_run_config(config, run_dir)
+    # The other ranks must not see the files rank 0 is writing as results of another run.
+    synchronize(dist)
 
     prepare_demo_data(config)
     check_dataset_headers(config)
@@ -296,13 +314,14 @@ def run_task(config: Config, run_dir: Path) -> float:
     train_volumes, val_volumes = load_training_data(train_cases, val_cases, config)
     check_loaded_volumes(train_cases + val_cases, train_volumes + val_volumes, config)
     # --- Tracking: the tracker (W&B or local) is finished on every exit path. ---
-    with open_tracker(config, run_dir) as tracker:
-        trainer = Trainer(config, run_dir, train_volumes, val_volumes, tracker=tracker)
+    tracking = open_tracker(config, run_dir) if is_main else contextlib.nullcontext(None)
+    with tracking as tracker:
+        trainer = Trainer(config, run_dir, train_volumes, val_volumes, tracker=tracker, stop=stop, dist=dist)
         result = trainer.fit()
 
         metrics_path = predictions = None
         mean_dice = result.best_metric
-        if config.trainer.predict_validation and val_cases:
+        if config.trainer.predict_validation and val_cases and is_main:
             metrics = predict_and_score(trainer, val_cases, run_dir)
             metrics_path = run_dir / "metrics.json"
             atomic_write_json(metrics_path, metrics)

@@ -41,7 +41,8 @@ def test_shipped_templates_parse() -> None:
     assert a40.gpu_quota_per_user == 4
     assert a40.signal == "USR2"
     assert a40.signal_delay_s == 90
-    assert a40.requeue is False
+    assert a40.requeue is True
+    assert a40.max_requeues == 3
     debug = load_template(TEMPLATES, "debug")
     assert debug.partition == "debug"
     assert debug.max_time_min <= 60
@@ -99,7 +100,7 @@ def test_half_gigabyte_renders_as_megabytes() -> None:
     params = executor_parameters(template, request, LauncherConfig(name="slurm"), throttle=4)
     assert params["mem"] == "512M"
     assert params["gres"] == "gpu:a40:1"
-    assert params["additional_parameters"] == {"signal": "USR2@90", "no-requeue": True}
+    assert params["additional_parameters"] == {"signal": "USR2@90", "requeue": True}
 
 
 @pytest.mark.parametrize("gpus, max_parallel, tasks, expected", [

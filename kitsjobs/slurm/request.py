@@ -8,6 +8,7 @@ from typing import Optional
 
 from kitsjobs.config import LauncherConfig, SlurmConfig
 from kitsjobs.errors import UserError
+from kitsjobs.slurm.signals import check_signal_with_nccl
 from kitsjobs.slurm.templates import SlurmTemplate
 
 
@@ -20,28 +21,53 @@ class ResourceRequest:
     cpus_per_task: int
     mem_mb: int  # per node, in MB (sbatch --mem)
     time_min: int
+    # Training processes per node (sbatch --ntasks-per-node), one per GPU when GPUs are requested.
+    tasks_per_node: int = 1
 
     @property
     def gpus_per_job(self) -> int:
         """GPUs one task holds over all its nodes."""
         return self.gpus_per_node * self.nodes
 
+    @property
+    def world_size(self) -> int:
+        """Training processes of one task over all its nodes."""
+        return self.tasks_per_node * self.nodes
 
-def build_request(slurm: SlurmConfig, template: SlurmTemplate) -> ResourceRequest:
+
+def build_request(slurm: SlurmConfig, template: SlurmTemplate, devices: int = 1) -> ResourceRequest:
     """Fill the unset fields of ``slurm`` from ``template`` and check their ranges.
 
-    CPUs and memory scale with the GPU count (at least one GPU's worth for a CPU-only task).
+    CPUs (per process) and memory (per node) scale with the GPU count, at least one GPU's worth
+    for a CPU-only task. With ``devices`` processes per node, each process gets the CPUs of
+    its share of the node's GPUs.
+
+    Args:
+        slurm: the experiment's resource request.
+        template: the admin template it is checked against.
+        devices: training processes per node (trainer.devices); with GPUs, one per GPU.
 
     Raises:
-        UserError: a negative GPU count, no nodes, or a non-positive CPU, memory or time value.
+        UserError: a negative GPU count, no nodes, fewer than one process per node, GPUs that
+            do not match the process count, SIGUSR1 as warning signal of a multi-GPU job, or a
+            non-positive CPU, memory or time value.
     """
     if slurm.gpus_per_task < 0:
         raise UserError(f"slurm.gpus_per_task={slurm.gpus_per_task} is negative; use 0 or more")
     if slurm.nodes < 1:
         raise UserError(f"slurm.nodes={slurm.nodes} must be 1 or more")
-    gpu_units = max(slurm.gpus_per_task, 1)
+    if devices < 1:
+        raise UserError(f"trainer.devices={devices} must be 1 or more processes per node")
+    if slurm.gpus_per_task > 0 and devices > 1 and slurm.gpus_per_task != devices:
+        raise UserError(
+            f"trainer.devices={devices} processes per node but slurm.gpus_per_task={slurm.gpus_per_task} GPUs "
+            f"per node; each process drives one GPU, so set slurm.gpus_per_task={devices}"
+        )
+    uses_nccl = slurm.gpus_per_task > 0 and devices * slurm.nodes > 1
+    check_signal_with_nccl(template.signal, uses_nccl, template.source or "Slurm template")
+    gpu_units = max(slurm.gpus_per_task // devices, 1)
     cpus = slurm.cpus_per_task if slurm.cpus_per_task is not None else template.cpus_per_gpu * gpu_units
-    mem_gb = slurm.mem_gb if slurm.mem_gb is not None else template.mem_gb_per_gpu * gpu_units
+    mem_gb = slurm.mem_gb if slurm.mem_gb is not None else template.mem_gb_per_gpu * max(slurm.gpus_per_task, 1)
     time_min = slurm.timeout_min if slurm.timeout_min is not None else template.default_time_min
     if cpus < 1:
         raise UserError(f"slurm.cpus_per_task={cpus} must be 1 or more (or null for the template's value)")
@@ -51,7 +77,7 @@ def build_request(slurm: SlurmConfig, template: SlurmTemplate) -> ResourceReques
         raise UserError(f"slurm.timeout_min={time_min} must be 1 or more minutes")
     # Memory is rendered in MB so that fractions of a GB (0.5 GB = 512 MB) stay exact.
     mem_mb = max(1, math.ceil(mem_gb * 1024))
-    return ResourceRequest(slurm.gpus_per_task, slurm.nodes, cpus, mem_mb, time_min)
+    return ResourceRequest(slurm.gpus_per_task, slurm.nodes, cpus, mem_mb, time_min, tasks_per_node=devices)
 
 
 def array_throttle(request: ResourceRequest, template: SlurmTemplate, launcher: LauncherConfig,

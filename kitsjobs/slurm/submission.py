@@ -22,6 +22,7 @@ from kitsjobs.config import LauncherConfig
 from kitsjobs.errors import UserError
 from kitsjobs.fsutil import atomic_write_json
 from kitsjobs.slurm.request import ResourceRequest
+from kitsjobs.slurm.signals import SignalSettings
 from kitsjobs.slurm.templates import SlurmTemplate
 from kitsjobs.slurm.worker import TaskRunner
 
@@ -78,7 +79,7 @@ def executor_parameters(template: SlurmTemplate, request: ResourceRequest, launc
         "partition": template.partition,
         "time": request.time_min,
         "nodes": request.nodes,
-        "ntasks_per_node": 1,
+        "ntasks_per_node": request.tasks_per_node,
         "cpus_per_task": request.cpus_per_task,
         # In MB, so that 0.5 GB is 512M and not rounded to 0 or 1 GB.
         "mem": f"{request.mem_mb}M",
@@ -86,7 +87,8 @@ def executor_parameters(template: SlurmTemplate, request: ResourceRequest, launc
         "array_parallelism": throttle,
         "setup": setup,
         "additional_parameters": {
-            "signal": f"{template.signal}@{template.signal_delay_s}",
+            # The job compares this line with the signal settings pickled in its task.
+            "signal": SignalSettings.from_template(template).sbatch_signal,
             "requeue" if template.requeue else "no-requeue": True,
         },
     }

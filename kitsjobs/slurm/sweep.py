@@ -24,6 +24,7 @@ from kitsjobs.errors import UserError
 from kitsjobs.fsutil import atomic_write_text
 from kitsjobs.slurm import checks, cluster, submission
 from kitsjobs.slurm.request import array_throttle, build_request
+from kitsjobs.slurm.signals import SignalSettings
 from kitsjobs.slurm.templates import load_template
 from kitsjobs.slurm.worker import TaskRunner
 
@@ -71,7 +72,7 @@ def _launch(sweep_config: DictConfig, load_task_config: TaskConfigLoader,
 
     templates_dir = Path(config.slurm.templates_dir).expanduser().absolute()
     template = load_template(templates_dir, config.slurm.template)
-    request = build_request(config.slurm, template)
+    request = build_request(config.slurm, template, devices=config.trainer.devices)
     checks.check_against_template(request, template)
     throttle = array_throttle(request, template, config.launcher, len(job_overrides))
     checks.check_against_cluster(request, template)
@@ -88,10 +89,11 @@ def _launch(sweep_config: DictConfig, load_task_config: TaskConfigLoader,
               file=sys.stderr)
         return []
 
+    signals = SignalSettings.from_template(template)
     tasks = [
         submission.SweepTask(task_config.hydra.job.num, list(overrides), run_dir,
                              TaskRunner(task, str(run_dir), int(task_config.hydra.job.num), template.requeue,
-                                        str(sweep_dir / submission.SUBMITIT_FOLDER)))
+                                        str(sweep_dir / submission.SUBMITIT_FOLDER), signals=signals))
         for task_config, (task, run_dir), overrides in zip(task_configs, resolved, job_overrides)
     ]
     submission.check_picklable(tasks)

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Signals sbatch's --signal accepts by name for the warning before the time limit.
 ALLOWED_SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP")
+# Signals a cluster may preempt with before SIGKILL (slurm.conf GraceTime).
+PREEMPT_SIGNALS = ("TERM", "INT")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,12 @@ class SlurmTemplate:
     # Signal sent signal_delay_s seconds before the time limit, so a task can checkpoint.
     signal: str = "USR2"
     signal_delay_s: int = 90
+    # Signal of a preemption that Slurm follows with SIGKILL after preempt_grace_s seconds
+    # (TERM on clusters that preempt without warning); null leaves it to submitit (logged, ignored).
+    preempt_signal: Optional[str] = None
+    preempt_grace_s: int = 0
+    # Restarts (SLURM_RESTART_COUNT) past which a task fails instead of running again.
+    max_requeues: int = 3
     # File the template was read from, for messages; not a YAML key.
     source: str = ""
 
@@ -131,6 +139,9 @@ _EXPECTED_TYPES: dict[str, tuple[type, ...]] = {
     "requeue": (bool,),
     "signal": (str,),
     "signal_delay_s": (int,),
+    "preempt_signal": (str, type(None)),
+    "preempt_grace_s": (int,),
+    "max_requeues": (int,),
 }
 
 
@@ -168,6 +179,15 @@ def _check_ranges(template: SlurmTemplate) -> None:
         raise UserError(f"{source}: key 'signal' must be one of {list(ALLOWED_SIGNALS)}, got {template.signal!r}")
     if template.signal_delay_s < 0:
         raise UserError(f"{source}: key 'signal_delay_s' must be 0 or more, got {template.signal_delay_s}")
+    if template.preempt_signal is not None and template.preempt_signal not in PREEMPT_SIGNALS:
+        raise UserError(f"{source}: key 'preempt_signal' must be one of {list(PREEMPT_SIGNALS)} or null, "
+                        f"got {template.preempt_signal!r}")
+    if template.preempt_signal is not None and template.preempt_signal == template.signal:
+        raise UserError(f"{source}: keys 'signal' and 'preempt_signal' are both {template.signal}; "
+                        "give the preemption another signal or set preempt_signal: null")
+    for key in ("preempt_grace_s", "max_requeues"):
+        if getattr(template, key) < 0:
+            raise UserError(f"{source}: key '{key}' must be 0 or more, got {getattr(template, key)}")
     for key in ("partition", "qos", "account", "gres_type"):
         value = getattr(template, key)
         if value is not None and not re.fullmatch(r"[A-Za-z0-9_.+-]+", value):

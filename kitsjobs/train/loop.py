@@ -24,6 +24,14 @@ from kitsjobs.infer.sliding import predict_labels
 from kitsjobs.metrics import METRIC_COLUMNS, compute_case_metrics, dice
 from kitsjobs.models.factory import build_model
 from kitsjobs.train.checkpoint import load_latest, save_checkpoint, set_aside
+from kitsjobs.train.distributed import (
+    DistributedContext,
+    any_rank,
+    process_device,
+    sample_index,
+    synchronize,
+    wrap_model,
+)
 from kitsjobs.train.interrupt import StopRequest, TrainingInterrupted
 from kitsjobs.train.rng import capture_rng_state, restore_rng_state
 
@@ -93,6 +101,9 @@ class Trainer:
         tracker: optional receiver of every history line (W&B, for instance).
         stop: flag that a signal handler sets to make ``fit`` checkpoint and stop
             at the next step boundary.
+        dist: this process's place in a data-parallel job; with several ranks the model is
+            wrapped in DistributedDataParallel, each rank samples its own patches, the stop
+            flag is all-reduced every step, and rank 0 alone writes checkpoints and history.
     """
 
     def __init__(
@@ -103,16 +114,18 @@ class Trainer:
         val_volumes: Sequence[Volume],
         tracker: Optional[Tracker] = None,
         stop: Optional[StopRequest] = None,
+        dist: Optional[DistributedContext] = None,
     ) -> None:
         self.config = config
         self.tracker = tracker
         self.stop = stop or StopRequest()
+        self.dist = dist or DistributedContext()
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.history_path = self.run_dir / HISTORY_FILE
         self.val_volumes = list(val_volumes)
-        self.device = select_device(config.trainer.device)
+        self.device = process_device(select_device(config.trainer.device), self.dist)
 
         seed_everything(config.seed, config.trainer.deterministic)
         self.sampler = PatchSampler(
@@ -126,6 +139,8 @@ class Trainer:
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
         self.use_amp = config.trainer.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        # Called by training steps; self.model stays unwrapped for state_dict and inference.
+        self.train_model = wrap_model(self.model, self.device, self.dist)
 
         self.step = 0
         self.best_metric = float("-inf")
@@ -181,7 +196,8 @@ class Trainer:
                 config_hash(self.config),
             )
         self.load_state_dict(state)
-        self._truncate_history(self.step)
+        if self.dist.is_main:
+            self._truncate_history(self.step)
         logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
         return True
 
@@ -201,8 +217,9 @@ class Trainer:
         trainer = self.config.trainer
         if trainer.resume:
             self.resume()
-        else:
+        elif self.dist.is_main:
             set_aside(self.checkpoint_dir, self.history_path)
+        synchronize(self.dist)
         self.model.train()
         started = time.monotonic()
         last_checkpoint = started
@@ -242,10 +259,14 @@ class Trainer:
                 trainer.checkpoint_every_min > 0
                 and time.monotonic() - last_checkpoint >= trainer.checkpoint_every_min * 60
             )
-            stopping = self.stop.is_set()
+            # All ranks stop at the same step, even when only one of them got the signal.
+            stopping = any_rank(self.stop.is_set(), self.device, self.dist)
             if (is_best or due_by_time or stopping or self.step % trainer.checkpoint_every_steps == 0
                     or self.step == trainer.max_steps):
-                save_checkpoint(self.checkpoint_dir, self.state_dict(), is_best=is_best)
+                if self.dist.is_main:
+                    save_checkpoint(self.checkpoint_dir, self.state_dict(), is_best=is_best)
+                if stopping:
+                    synchronize(self.dist)
                 last_checkpoint = time.monotonic()
             if stopping and self.step < trainer.max_steps:
                 progress.close()
@@ -255,12 +276,12 @@ class Trainer:
         return TrainResult(self.step, self.best_metric, self.best_step)
 
     def _train_step(self) -> float:
-        images, labels = self.sampler.sample(self.step, self.config.data.batch_size)
+        images, labels = self.sampler.sample(sample_index(self.step, self.dist), self.config.data.batch_size)
         inputs = torch.from_numpy(images).to(self.device)
         targets = torch.from_numpy(labels).to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=self.use_amp):
-            loss = self._loss(self.model(inputs), targets)
+            loss = self._loss(self.train_model(inputs), targets)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -316,6 +337,8 @@ class Trainer:
         )
 
     def _append_history(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         with self.history_path.open("a") as file:
             file.write(json.dumps(record) + "\n")
         if self.tracker is not None:
