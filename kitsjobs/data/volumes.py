@@ -23,10 +23,13 @@ class Volume:
 
     Attributes:
         name: case name.
-        image: float32 intensities scaled to [0, 1], shape (slices, rows, cols).
+        image: intensities scaled to [0, 1], shape (slices, rows, cols); float32, or float16
+            for a memory-mapped cache.
         label: uint8 labels of the same shape, or None for inference.
         affine: the image's 4x4 voxel-to-world affine.
         spacing_mm: voxel size along the array axes.
+        class_points: optional (N, 4) int32 rows (class, z, y, x) of foreground voxels to
+            centre training patches on; None lets the sampler find them in ``label``.
     """
 
     name: str
@@ -34,6 +37,7 @@ class Volume:
     label: np.ndarray | None
     affine: np.ndarray
     spacing_mm: tuple[float, float, float]
+    class_points: np.ndarray | None = None
 
 
 def scale_intensity(hu: np.ndarray, hu_min: float, hu_max: float) -> np.ndarray:
