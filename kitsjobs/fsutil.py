@@ -33,6 +33,9 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     except OSError as error:
         raise_write_error(path, error)
     try:
+        # mkstemp creates the file readable by its owner only; give it the mode a plain
+        # open() would, so teammates on a shared file system can read results.
+        os.fchmod(descriptor, 0o666 & ~_current_umask())
         with os.fdopen(descriptor, "wb") as file:
             write(file)
             file.flush()
@@ -71,6 +74,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_json(path: Path, value: Any) -> None:
     """Write ``value`` as indented JSON atomically."""
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def _current_umask() -> int:
+    # The umask can only be read by setting it; it is set straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import dataclasses
 import logging
 import os
 import re
@@ -42,6 +41,7 @@ def resolve_config(cfg: DictConfig) -> Config:
         UserError: if a mandatory value such as ``data.root`` is missing or an
             interpolation cannot be resolved.
     """
+    reject_unknown_keys(cfg)
     try:
         # Section by section, so that a config still holding Hydra's own node
         # (as the Slurm launcher composes it) resolves without a copy.
@@ -61,6 +61,34 @@ def resolve_config(cfg: DictConfig) -> Config:
     if not isinstance(config, Config):
         raise TypeError(f"the composed config is a {type(config).__name__}, expected Config")
     return config
+
+
+def reject_unknown_keys(cfg: DictConfig) -> None:
+    """Reject keys that ``+key=value`` or ``++key=value`` added outside the typed schema.
+
+    Hydra lets ``+`` add a key to a typed section; converting to the dataclass would
+    then drop it silently, so a misspelt ``+trainer.max_stepz=4`` would train with the
+    default.
+
+    Raises:
+        UserError: naming the first unknown key and the valid keys of its section.
+    """
+    sections = {section.name: section for section in dataclasses.fields(Config)}
+    for key in cfg.keys():
+        if key != "hydra" and key not in sections:
+            raise UserError(f"unknown config key '{key}'; valid top-level keys: {', '.join(sorted(sections))}")
+    for name, section in sections.items():
+        node = cfg.get(name)
+        if not isinstance(node, DictConfig):
+            continue
+        schema = section.default_factory  # type: ignore[misc]
+        valid = {field.name for field in dataclasses.fields(schema)}
+        unknown = sorted(str(key) for key in node.keys() if key not in valid)
+        if unknown:
+            raise UserError(
+                f"unknown config key '{name}.{unknown[0]}'; valid keys in '{name}': {', '.join(sorted(valid))}; "
+                "fix the spelling (python -m kitsjobs.launch --cfg job shows the config)"
+            )
 
 
 def remove_untouched_run_dir(run_dir: Path) -> None:
@@ -90,6 +118,9 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_config.runtime.output_dir)
     try:
         config = resolve_config(cfg)
+        if config.launcher.name == "slurm" and hydra_config.mode != RunMode.MULTIRUN:
+            raise UserError("launcher=slurm submits sweeps: add -m (one config is a sweep of one task), "
+                            "or use launcher=local to run here")
 
         from kitsjobs.job import run_task
 
@@ -97,7 +128,8 @@ def main(cfg: DictConfig) -> float | None:
     except UserError as error:
         if hydra_config.mode == RunMode.MULTIRUN:
             raise
-        logger.error("%s", error)
+        # The console shows the one-line message below; the run's log file keeps it too.
+        logger.debug("rejected: %s", error)
         remove_untouched_run_dir(run_dir)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -129,9 +161,16 @@ def run_cli(entry: Callable[[], Any], argv: Sequence[str]) -> None:
         entry()
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    snapshot = snapshot_run_folder(argv)
     try:
         reject_existing_sweep_dir(argv)
         entry()
+    except SystemExit as exit_request:
+        # A rejected run (status 2) leaves an existing run folder as it found it, although
+        # Hydra rewrote its .hydra/ files and appended to its log before the task started.
+        if exit_request.code == 2 and snapshot is not None:
+            snapshot.restore()
+        raise
     except (HydraException, OmegaConfBaseException, UserError) as error:
         sys.exit(_report(describe_config_error(error)))
     except OSError as error:
@@ -141,6 +180,47 @@ def run_cli(entry: Callable[[], Any], argv: Sequence[str]) -> None:
                          "free disk space or choose a writable folder with hydra.run.dir or hydra.sweep.dir"))
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+RUN_DIR_OVERRIDE = re.compile(r"\+{0,2}hydra\.run\.dir=(.*)")
+RUN_LOG_FILE = "launch.log"
+
+
+@dataclasses.dataclass
+class RunFolderSnapshot:
+    """The .hydra/ files and log length of an existing run folder, to put back after a rejection."""
+
+    folder: Path
+    hydra_files: dict[str, bytes]
+    log_size: int | None
+
+    def restore(self) -> None:
+        """Write the saved .hydra/ files back and cut the log to its former length."""
+        hydra_dir = self.folder / ".hydra"
+        for name, content in self.hydra_files.items():
+            (hydra_dir / name).write_bytes(content)
+        log = self.folder / RUN_LOG_FILE
+        if self.log_size is not None and log.exists():
+            with log.open("r+b") as file:
+                file.truncate(self.log_size)
+
+
+def snapshot_run_folder(argv: Sequence[str]) -> RunFolderSnapshot | None:
+    """Save the .hydra/ files of the folder named by hydra.run.dir, when it exists."""
+    if "-m" in argv or "--multirun" in argv:
+        return None
+    for argument in argv:
+        match = RUN_DIR_OVERRIDE.fullmatch(argument)
+        if match is None or "${" in match.group(1):
+            continue
+        folder = Path(match.group(1)).expanduser()
+        hydra_dir = folder / ".hydra"
+        if not hydra_dir.is_dir():
+            return None
+        files = {path.name: path.read_bytes() for path in hydra_dir.iterdir() if path.is_file()}
+        log = folder / RUN_LOG_FILE
+        return RunFolderSnapshot(folder, files, log.stat().st_size if log.exists() else None)
+    return None
 
 
 def _report(message: str) -> int:
@@ -176,7 +256,8 @@ def describe_config_error(error: BaseException) -> str:
         group, _, name = error.missing_cfg_file.rpartition("/")
         return f"{group}={name} is not an option of config group '{group}'; choose one of: {', '.join(error.options)}"
     if isinstance(error, OverrideParseException):
-        return f"cannot parse override '{error.override}': {_first_line(error.message)}"
+        return (f"cannot parse override '{error.override}': {_first_line(error.message)}; "
+                "quote values with spaces or shell characters, e.g. key='a b'")
     cause = error if isinstance(error, OmegaConfBaseException) else error.__cause__
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         return _describe_key_error(cause)

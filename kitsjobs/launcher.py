@@ -19,9 +19,10 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweepe
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kitsjobs.compose import TaskComposer
+from kitsjobs.fsutil import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +92,14 @@ class SweepLauncher(Launcher):
 
         results: list[JobReturn] = []
         failures: list[TaskFailure] = []
+        raw_sweep = OmegaConf.to_container(self.config.hydra.sweep, resolve=False)
+        assert isinstance(raw_sweep, dict)
+        manifest = LocalManifest(sweep_dir, job_overrides, initial_job_idx, str(raw_sweep["subdir"]))
         for offset, overrides in enumerate(job_overrides):
             index = initial_job_idx + offset
             shown = " ".join(filter_overrides(overrides)) or "(no overrides)"
             logger.info("task #%d: %s", index, shown)
+            manifest.set_state(offset, "RUNNING")
             task_config = self._load_task_config(overrides, index)
             HydraConfig.instance().set_config(task_config)
             result = run_job(
@@ -109,11 +114,48 @@ class SweepLauncher(Launcher):
                 error = result._return_value
                 logger.error("task #%d failed", index, exc_info=error)
                 failures.append(TaskFailure(index, shown, f"{type(error).__name__}: {error}"))
+            manifest.set_state(offset, "FAILED" if result.status == JobStatus.FAILED else "COMPLETED")
             results.append(result)
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
 
         log_summary(len(job_overrides), failures, sweep_dir)
         return results
+
+
+class LocalManifest:
+    """SWEEP_DIR/sweep.json of a local sweep, so that kitsjobs.status and report read it as a Slurm one.
+
+    The task folders follow ``hydra.sweep.subdir``, which must then depend on the task
+    index alone (the default, ``${hydra.job.num}``).
+    """
+
+    def __init__(self, sweep_dir: Path, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
+                 subdir: str) -> None:
+        self.path = sweep_dir / "sweep.json"
+        folders = [str(initial_job_idx + offset) for offset in range(len(job_overrides))]
+        if subdir != "${hydra.job.num}":
+            folders = [""] * len(job_overrides)  # not known before Hydra resolves it per task
+        self.content: dict[str, Any] = {
+            "version": 1,
+            "backend": "local",
+            "array_job_id": "local",
+            "is_array": True,
+            "submitit_folder": "",
+            "tasks": [
+                {"index": initial_job_idx + offset, "task_id": offset, "overrides": list(overrides),
+                 "folder": folder, "state": "PENDING"}
+                for offset, (overrides, folder) in enumerate(zip(job_overrides, folders))
+            ],
+        }
+        self._write()
+
+    def set_state(self, offset: int, state: str) -> None:
+        """Record a task's state (RUNNING, COMPLETED or FAILED) and rewrite the file."""
+        self.content["tasks"][offset]["state"] = state
+        self._write()
+
+    def _write(self) -> None:
+        atomic_write_json(self.path, self.content)
 
 
 def log_summary(task_count: int, failures: list[TaskFailure], sweep_dir: Path) -> None:

@@ -24,6 +24,9 @@ from kitsjobs.slurm.submission import MANIFEST_FILE
 
 logger = logging.getLogger(__name__)
 
+# Log of each task of a local sweep (Hydra names it after the entry module).
+LOCAL_LOG_FILE = "launch.log"
+
 HISTORY_FILE = "history.jsonl"
 # Long states in which a task will not run again (sacct(1), JOB STATE CODES).
 TERMINAL_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
@@ -41,6 +44,7 @@ class ManifestTask:
     task_id: int
     overrides: list[str]
     folder: Path  # absolute
+    state: Optional[str] = None  # local sweeps: written by the launcher after each task
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class SweepManifest:
     is_array: bool
     submitit_folder: Path  # absolute
     tasks: list[ManifestTask]
+    backend: str = "slurm"  # "local" for a sweep run with launcher=local
 
 
 @dataclass(frozen=True)
@@ -79,15 +84,16 @@ def read_manifest(sweep_dir: Path) -> SweepManifest:
     path = sweep_dir / MANIFEST_FILE
     if not path.is_file():
         raise UserError(
-            f"{path} not found: {sweep_dir} is not a sweep submitted with launcher=slurm; "
-            "pass the folder the launch command printed"
+            f"{path} not found: {sweep_dir} is not a kitsjobs sweep folder (a run started without -m "
+            "has none); pass the sweep folder that the launch command printed"
         )
     try:
         raw = json.loads(path.read_text())
-        tasks = [ManifestTask(int(t["index"]), int(t["task_id"]), list(t["overrides"]), sweep_dir / t["folder"])
+        tasks = [ManifestTask(int(t["index"]), int(t["task_id"]), list(t["overrides"]), sweep_dir / t["folder"],
+                              t.get("state"))
                  for t in raw["tasks"]]
         return SweepManifest(sweep_dir, str(raw["array_job_id"]), bool(raw.get("is_array", True)),
-                             sweep_dir / raw["submitit_folder"], tasks)
+                             sweep_dir / raw["submitit_folder"], tasks, str(raw.get("backend", "slurm")))
     except (ValueError, KeyError, TypeError) as error:
         raise UserError(f"{path} is not a valid sweep manifest ({error}); it was not written by kitsjobs") from None
 
@@ -137,7 +143,14 @@ class StatusReader:
         self._sacct_warned = False
 
     def refresh(self) -> list[TaskStatus]:
-        """Return one TaskStatus per task, from one squeue and one sacct call."""
+        """Return one TaskStatus per task, from one squeue and one sacct call.
+
+        A local sweep has no Slurm job: the states come from the manifest, which the
+        local launcher rewrites after each task.
+        """
+        if self.manifest.backend == "local":
+            self.manifest = read_manifest(self.manifest.sweep_dir)
+            return [self._local_status(task) for task in self.manifest.tasks]
         queued = cluster.squeue_tasks(self.manifest.array_job_id)
         accounted = self._sacct()
         if not self.manifest.is_array:
@@ -152,6 +165,12 @@ class StatusReader:
                 logger.warning("sacct unavailable, using squeue only (ended tasks show %s): %s", ENDED_UNKNOWN, error)
                 self._sacct_warned = True
             return None
+
+    @staticmethod
+    def _local_status(task: ManifestTask) -> TaskStatus:
+        last_step, best = read_history(task.folder)
+        return TaskStatus(task.index, " ".join(task.overrides) or "(no overrides)", task.state or "UNKNOWN", 0,
+                          "", last_step, best, task.folder / LOCAL_LOG_FILE)
 
     def _task_status(self, task: ManifestTask, queued: Optional[cluster.TaskRecord],
                      accounted: Optional[dict[int, cluster.TaskRecord]]) -> TaskStatus:
@@ -191,7 +210,8 @@ def format_table(manifest: SweepManifest, statuses: Sequence[TaskStatus], tail_l
                      "-" if s.best_val_dice is None else f"{s.best_val_dice:.4f}",
                      s.overrides, str(s.log_path)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    lines = [f"sweep {manifest.sweep_dir}  array job {manifest.array_job_id}"]
+    job = "local sweep" if manifest.backend == "local" else f"array job {manifest.array_job_id}"
+    lines = [f"sweep {manifest.sweep_dir}  {job}"]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
     counts: dict[str, int] = {}
     for s in statuses:

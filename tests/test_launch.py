@@ -99,6 +99,11 @@ def test_local_sweep_runs_each_task_in_own_folder(demo_data: Path, tmp_path: Pat
         task = tmp_path / "sweep" / str(index)
         assert (task / "checkpoints" / "latest.pt").exists()
         assert f"name: {name}" in (task / "config.yaml").read_text()
+    status = subprocess.run([sys.executable, "-m", "kitsjobs.status", str(tmp_path / "sweep")],
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert "local sweep" in status.stdout
+    assert status.stdout.count("COMPLETED") == 3  # two rows and the total line
 
 
 @pytest.mark.parametrize(
@@ -139,3 +144,30 @@ def test_image_without_label_is_named(tmp_path: Path, demo_data: Path) -> None:
     assert "case_00002" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_plus_prefixed_unknown_key_is_rejected(tmp_path: Path, demo_data: Path) -> None:
+    result = launch(["experiment=smoke", "+trainer.max_stepz=4", "hydra.run.dir=run"], tmp_path, demo_data)
+    assert result.returncode == 2
+    assert "unknown config key 'trainer.max_stepz'" in result.stderr
+    assert "max_steps" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_slurm_launcher_needs_multirun(tmp_path: Path, demo_data: Path) -> None:
+    result = launch(["experiment=smoke", "launcher=slurm", "hydra.run.dir=run"], tmp_path, demo_data)
+    assert result.returncode == 2
+    assert "add -m" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_rejected_rerun_keeps_hydra_files(smoke_run: Path, demo_data: Path) -> None:
+    before = {path.name: path.read_bytes() for path in (smoke_run / ".hydra").iterdir()}
+    log_before = (smoke_run / "launch.log").read_bytes()
+    result = launch(["experiment=smoke", f"data.root={demo_data}", "data.demo_cases=0", "data.num_folds=2",
+                     "model=segresnet", "hydra.run.dir=run"], smoke_run.parent, demo_data)
+    assert result.returncode == 2
+    assert "another config" in result.stderr
+    after = {path.name: path.read_bytes() for path in (smoke_run / ".hydra").iterdir()}
+    assert after == before
+    assert (smoke_run / "launch.log").read_bytes() == log_before

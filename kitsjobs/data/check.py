@@ -34,10 +34,13 @@ import numpy as np
 from nibabel.openers import ImageOpener
 from tqdm import tqdm
 
-from kitsjobs.data.layouts import LAYOUTS
+from kitsjobs.data.layouts import LAYOUTS, layout_hint
 from kitsjobs.errors import UserError
 
 logger = logging.getLogger(__name__)
+
+# Start of the problem text reported for a dataset folder without any case.
+NO_CASES = "no cases found"
 
 ERROR = "error"
 WARNING = "warning"
@@ -115,7 +118,7 @@ def check_dataset(
 
     cases, problems = collect_cases(root, layout)
     if not cases and not problems:
-        problems.append(Problem("", str(root), f"no cases found for data layout '{layout}'", ERROR))
+        problems.append(Problem("", str(root), f"{NO_CASES} for data layout '{layout}'", ERROR))
 
     check = partial(check_case, full=full)
     bar = partial(tqdm, total=len(cases), desc="check", unit="case", disable=not progress)
@@ -426,6 +429,9 @@ def enforce(problems: Sequence[Problem], mode: str, root: str | Path, layout: st
             logger.warning("dataset check: %s %s: %s", problem.case or "-", problem.file, problem.problem)
     if not errors or mode != "error":
         return
+    if any(problem.problem.startswith(NO_CASES) for problem in errors):
+        # data.check=warn cannot help here: there is nothing to train on.
+        raise UserError(f"{NO_CASES} in {root} for data layout '{layout}'; {layout_hint(layout)}")
     listed = "; ".join(f"{problem.file}: {problem.problem}" for problem in errors[:5])
     more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
     raise UserError(

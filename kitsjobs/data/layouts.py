@@ -48,7 +48,7 @@ def find_cases(root: str | Path, layout: str, require_labels: bool = True) -> li
 
     pairs = _kits23_pairs(root) if layout == "kits23" else _flat_pairs(root)
     if not pairs:
-        raise UserError(f"no cases found in {root} for data layout '{layout}'; {_layout_hint(layout)}")
+        raise UserError(f"no cases found in {root} for data layout '{layout}'; {layout_hint(layout)}")
 
     unlabeled = sorted(name for name, (_, label) in pairs.items() if label is None)
     if require_labels and unlabeled:
@@ -59,7 +59,8 @@ def find_cases(root: str | Path, layout: str, require_labels: bool = True) -> li
     return [Case(name, image, label) for name, (image, label) in sorted(pairs.items())]
 
 
-def _layout_hint(layout: str) -> str:
+def layout_hint(layout: str) -> str:
+    """Describe where the files of ``layout`` are expected, and the other layout's switch."""
     if layout == "kits23":
         return "expected ROOT/case_XXXXX/imaging.nii.gz (use data=flat for ROOT/volume/ and ROOT/seg/)"
     return "expected ROOT/volume/NAME.nii.gz and ROOT/seg/NAME.nii.gz (use data=kits23 for case folders)"

@@ -53,9 +53,11 @@ def launch_slurm_sweep(sweep_config: DictConfig, load_task_config: TaskConfigLoa
         return _launch(sweep_config, load_task_config, job_overrides, initial_job_idx)
     except UserError as error:
         logger.debug("rejected sweep", exc_info=True)
+        _remove_dry_run_folder(Path(str(sweep_config.hydra.sweep.dir)).absolute())
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except cluster.SlurmCommandError as error:
+        _remove_dry_run_folder(Path(str(sweep_config.hydra.sweep.dir)).absolute())
         print(f"error: {error}; nothing was submitted", file=sys.stderr)
         sys.exit(1)
 
@@ -109,10 +111,18 @@ def _launch(sweep_config: DictConfig, load_task_config: TaskConfigLoader,
 
 
 def _remove_dry_run_folder(sweep_dir: Path) -> None:
-    """Delete the sweep folder when it contains only the multirun.yaml Hydra wrote for this dry run."""
+    """Delete the sweep folder when it contains only the multirun.yaml Hydra wrote for this command.
+
+    Used after a dry run and after a rejected submission, so that neither leaves a folder behind.
+    Empty date folders above it (multirun/DATE/) go too.
+    """
     if sweep_dir.is_dir() and [path.name for path in sweep_dir.iterdir()] == ["multirun.yaml"]:
         (sweep_dir / "multirun.yaml").unlink()
         sweep_dir.rmdir()
+        for parent in sweep_dir.parents:
+            if parent == Path.cwd() or not parent.is_dir() or any(parent.iterdir()):
+                break
+            parent.rmdir()
 
 
 def _resolve_task(task_config: DictConfig, sweep_dir: Path) -> tuple[Config, Path]:
