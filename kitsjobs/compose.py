@@ -20,7 +20,7 @@ from collections.abc import Sequence
 # test in tests/test_compose.py fails if their behaviour changes.
 from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
+from hydra.core.override_parser.types import Override, OverrideType
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -39,6 +39,9 @@ class TaskComposer:
         self.parser = OverridesParser.create()
         self._compositions: dict[tuple[str, ...], DictConfig] = {}
         self._tasks: dict[tuple[tuple[str, ...], int], DictConfig] = {}
+        # Per set of group overrides: one working copy and the keys its last task overrode.
+        self._working: dict[tuple[str, ...], tuple[DictConfig, frozenset[str]]] = {}
+        self._parsed: dict[str, Override] = {}
 
     def compose(self, overrides: Sequence[str], index: int) -> DictConfig:
         """Return the config of the task with these overrides and index in the sweep.
@@ -51,19 +54,64 @@ class TaskComposer:
             self._tasks[task_key] = self._compose(overrides, index)
         return self._tasks[task_key]
 
-    def _compose(self, overrides: Sequence[str], index: int) -> DictConfig:
-        parsed = self.parser.parse_overrides(list(overrides))
+    def compose_transient(self, overrides: Sequence[str], index: int) -> DictConfig:
+        """Return the task's config in a working copy that the next call may change.
+
+        For callers that use each config at once and keep nothing of it (the Slurm
+        launcher resolves it to plain data). Tasks of a grid sweep set the same keys,
+        each to its own value, so one working copy per set of group choices serves them
+        all, which saves a deep copy per task. A task that adds or deletes keys, sets
+        Hydra's own keys, or sets other keys than the previous one gets a fresh copy.
+        """
+        parsed = self._parse(overrides)
+        group_overrides, value_overrides = self._split(parsed)
+        key = self._base_key(group_overrides)
+        changed = frozenset(o.key_or_group for o in value_overrides)
+        # A dict value is merged into the node, so keys of an earlier task's dict could stay.
+        shareable = all(o.type == OverrideType.CHANGE and not o.is_hydra_override()
+                        and not isinstance(o.value(), dict) for o in value_overrides)
+        working = self._working.get(key)
+        if working is None or not shareable or working[1] != changed:
+            working = (copy.deepcopy(self._compositions[key]), changed)
+            self._working[key] = working if shareable else (working[0], frozenset({"<fresh copy>"}))
+        task_config = working[0]
+        self._apply(task_config, parsed, value_overrides, index)
+        return task_config
+
+    def _parse(self, overrides: Sequence[str]) -> list[Override]:
+        # The same override strings (launcher=slurm, data.root=...) recur in every task,
+        # and Hydra's grammar-based parser costs about a millisecond each.
+        parsed = []
+        for line in overrides:
+            if line not in self._parsed:
+                self._parsed[line] = self.parser.parse_overrides([line])[0]
+            parsed.append(self._parsed[line])
+        return parsed
+
+    def _split(self, parsed: list[Override]) -> tuple[list[Override], list[Override]]:
         group_overrides = [o for o in parsed if self._is_group_override(o)]
         value_overrides = [o for o in parsed if not self._is_group_override(o)]
+        return group_overrides, value_overrides
 
+    def _base_key(self, group_overrides: list[Override]) -> tuple[str, ...]:
         key = tuple(o.input_line for o in group_overrides)
         if key not in self._compositions:
             self._compositions[key] = self.loader.load_sweep_config(self.sweep_config, list(key))
-        task_config = copy.deepcopy(self._compositions[key])
+        return key
 
+    def _apply(self, task_config: DictConfig, parsed: list[Override], value_overrides: list[Override],
+               index: int) -> None:
         ConfigLoaderImpl._apply_overrides_to_config(value_overrides, task_config)
         OmegaConf.copy_cache(from_config=self.sweep_config, to_config=task_config)
         self._record_overrides(task_config, parsed, value_overrides, index)
+
+    def _compose(self, overrides: Sequence[str], index: int) -> DictConfig:
+        parsed = self._parse(overrides)
+        group_overrides, value_overrides = self._split(parsed)
+        key = self._base_key(group_overrides)
+        task_config = copy.deepcopy(self._compositions[key])
+
+        self._apply(task_config, parsed, value_overrides, index)
         return task_config
 
     def _is_group_override(self, override: Override) -> bool:

@@ -135,6 +135,44 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+HELP_TEXT = """usage: python -m kitsjobs.launch [-m] [--dry-run] [--wait] [KEY=VALUE ...]
+
+Train, predict and score KiTS23 segmentation models: one run, or with -m one run per
+combination of the comma-separated values (a sweep).
+
+options:
+  -m, --multirun   sweep: one task per combination of values, run by launcher=local or
+                   submitted as one Slurm array by launcher=slurm
+  --dry-run        with launcher=slurm, print the sbatch script and submit nothing
+  --wait           with launcher=slurm, block until every task ended and list the failed ones
+  --cfg job        print the composed config and exit (add --resolve to resolve it)
+  --hydra-help     Hydra's own options (output folders, logging)
+
+config groups (GROUP=OPTION):
+{groups}
+examples:
+  python -m kitsjobs.launch experiment=smoke
+  python -m kitsjobs.launch experiment=baseline data.root=/data/kits23
+  python -m kitsjobs.launch -m model=unet,segresnet optim.lr=1e-3,3e-4 launcher=slurm slurm=ippmed-a40
+
+Every key is typed: python -m kitsjobs.launch --cfg job lists them with their values."""
+
+
+def format_help(conf_dir: Path = CONF_DIR) -> str:
+    """Return the command's help: flags, config groups and their options, examples.
+
+    Hydra's own --help lists every group by composing the config once per option,
+    which takes about a second; reading the conf/ folder takes milliseconds.
+    """
+    lines = []
+    for group in sorted(path for path in conf_dir.iterdir() if path.is_dir()):
+        options = sorted(option.stem for option in group.glob("*.yaml"))
+        lines.append(f"  {group.name + ':':12} {', '.join(options)}")
+    return HELP_TEXT.format(groups="\n".join(lines) + "\n")
+
+
 def translate_flags(argv: list[str]) -> list[str]:
     """Turn the ``--dry-run`` and ``--wait`` flags into their launcher overrides."""
     flags = {"--dry-run": "launcher.dry_run=true", "--wait": "launcher.wait=true"}
@@ -288,5 +326,8 @@ def _first_line(text: str) -> str:
 
 
 if __name__ == "__main__":
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        print(format_help())
+        sys.exit(0)
     sys.argv[1:] = translate_flags(sys.argv[1:])
     run_cli(main, sys.argv[1:])

@@ -77,7 +77,8 @@ class SweepLauncher(Launcher):
         if backend == "slurm":
             from kitsjobs.slurm.sweep import launch_slurm_sweep
 
-            return launch_slurm_sweep(self.config, self._load_task_config, job_overrides, initial_job_idx)
+            assert self.composer is not None
+            return launch_slurm_sweep(self.config, self.composer.compose_transient, job_overrides, initial_job_idx)
         raise ValueError(f"launcher.name='{backend}' is not supported; use launcher=local or launcher=slurm")
 
     def _load_task_config(self, overrides: Sequence[str], index: int) -> DictConfig:
@@ -180,6 +181,7 @@ class ComposingSweeper(BasicSweeper):
         if composer is None:
             super().validate_batch_is_legal(batch)
             return
-        # Hydra's BasicSweeper numbers the tasks of its single batch from 0.
+        # Hydra's BasicSweeper numbers the tasks of its single batch from 0. Only the
+        # composing matters here, so the working copies of compose_transient do.
         for offset, overrides in enumerate(batch):
-            composer.compose(overrides, offset)
+            composer.compose_transient(overrides, offset)

@@ -67,3 +67,21 @@ def test_unknown_value_key_is_rejected(composer_and_loader) -> None:
     composer, _, _ = composer_and_loader
     with pytest.raises(Exception, match="no_such_key"):
         composer.compose(["optim.no_such_key=1"], 0)
+
+
+def test_transient_copies_equal_hydra_task_by_task(composer_and_loader) -> None:
+    composer, loader, sweep_config = composer_and_loader
+    sweep = [
+        ["model=unet", "optim.lr=0.1", "seed=1"],
+        ["model=unet", "optim.lr=0.2", "seed=2"],
+        ["model=unet", "seed=3"],
+        ["model=unet", "+trainer.extra=1", "seed=4"],
+        ["model=unet", "optim.lr=0.3", "seed=5"],
+    ]
+    for index, overrides in enumerate(sweep):
+        ours = OmegaConf.to_container(composer.compose_transient(overrides, index), resolve=False)
+        hydra = OmegaConf.to_container(loader.load_sweep_config(sweep_config, overrides), resolve=False)
+        for plain in (ours, hydra):
+            plain["hydra"]["job"].pop("num", None)
+            plain["hydra"]["job"].pop("id", None)
+        assert ours == hydra, overrides

@@ -12,16 +12,17 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 import yaml
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kitsjobs.config import Config
 from kitsjobs.errors import UserError
-from kitsjobs.fsutil import atomic_write_text
 from kitsjobs.slurm import checks, cluster, submission
 from kitsjobs.slurm.request import array_throttle, build_request
 from kitsjobs.slurm.signals import SignalSettings
@@ -66,10 +67,8 @@ def _launch(sweep_config: DictConfig, load_task_config: TaskConfigLoader,
             job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
     cluster.require_sbatch()
     sweep_dir = Path(str(sweep_config.hydra.sweep.dir)).absolute()
-    task_configs = [load_task_config(overrides, initial_job_idx + offset)
-                    for offset, overrides in enumerate(job_overrides)]
-    resolved = [_resolve_task(task_config, sweep_dir) for task_config in task_configs]
-    config = _common_settings([config for config, _ in resolved], job_overrides)
+    prepared = _prepare_tasks(load_task_config, job_overrides, initial_job_idx, sweep_dir)
+    config = _common_settings([task.config for task in prepared], job_overrides)
     submission.check_script_values(sweep_dir, config.launcher)
 
     templates_dir = Path(config.slurm.templates_dir).expanduser().absolute()
@@ -93,14 +92,14 @@ def _launch(sweep_config: DictConfig, load_task_config: TaskConfigLoader,
 
     signals = SignalSettings.from_template(template)
     tasks = [
-        submission.SweepTask(task_config.hydra.job.num, list(overrides), run_dir,
-                             TaskRunner(task, str(run_dir), int(task_config.hydra.job.num), template.requeue,
+        submission.SweepTask(task.index, list(overrides), task.run_dir,
+                             TaskRunner(task.config, str(task.run_dir), task.index, template.requeue,
                                         str(sweep_dir / submission.SUBMITIT_FOLDER), signals=signals))
-        for task_config, (task, run_dir), overrides in zip(task_configs, resolved, job_overrides)
+        for task, overrides in zip(prepared, job_overrides)
     ]
     submission.check_picklable(tasks)
-    for task_config, (_, run_dir) in zip(task_configs, resolved):
-        write_hydra_files(task_config, run_dir)
+    for task in prepared:
+        write_hydra_files(task.hydra_files, task.run_dir)
     array_job_id = submission.submit_array(executor, tasks)
     submission.write_manifest(sweep_dir, array_job_id, tasks, template, throttle)
     _log_submitted(array_job_id, tasks, sweep_dir, throttle)
@@ -125,7 +124,35 @@ def _remove_dry_run_folder(sweep_dir: Path) -> None:
             parent.rmdir()
 
 
-def _resolve_task(task_config: DictConfig, sweep_dir: Path) -> tuple[Config, Path]:
+@dataclass
+class PreparedTask:
+    """One task resolved on the login node: its config, folder and the .hydra/ file contents."""
+
+    index: int
+    config: Config
+    run_dir: Path
+    hydra_files: dict[str, str]
+
+
+def _prepare_tasks(load_task_config: TaskConfigLoader, job_overrides: Sequence[Sequence[str]],
+                   initial_job_idx: int, sweep_dir: Path) -> list[PreparedTask]:
+    """Compose, resolve and render each task in turn; the composed config is not kept."""
+    prepared = []
+    needs_hydra_config: Optional[bool] = None
+    for offset, overrides in enumerate(job_overrides):
+        task_config = load_task_config(overrides, initial_job_idx + offset)
+        if needs_hydra_config is None:
+            # ${hydra:...} reads the global HydraConfig, which costs a copy per task to set;
+            # plain ${hydra.job.num} needs none. Checked on the first task and the overrides.
+            needs_hydra_config = _uses_hydra_resolver(task_config) or any(
+                "${hydra:" in override for task_overrides in job_overrides for override in task_overrides)
+        config, run_dir = _resolve_task(task_config, sweep_dir, needs_hydra_config)
+        prepared.append(PreparedTask(int(task_config.hydra.job.num), config, run_dir,
+                                     render_hydra_files(task_config)))
+    return prepared
+
+
+def _resolve_task(task_config: DictConfig, sweep_dir: Path, needs_hydra_config: bool = True) -> tuple[Config, Path]:
     """Resolve one task's config as Hydra's run_job would see it, and return it with its folder.
 
     Raises:
@@ -141,8 +168,21 @@ def _resolve_task(task_config: DictConfig, sweep_dir: Path) -> tuple[Config, Pat
             f"task folder {run_dir} is not inside the sweep folder {sweep_dir}; "
             "keep hydra.sweep.subdir a relative name such as ${hydra.job.num}"
         )
-    HydraConfig.instance().set_config(task_config)
+    if needs_hydra_config:
+        HydraConfig.instance().set_config(task_config)
     return resolve_config(task_config), run_dir
+
+
+def _uses_hydra_resolver(task_config: DictConfig) -> bool:
+    """Return whether a value outside the hydra node interpolates with the ``hydra:`` resolver."""
+    for key in task_config.keys():
+        if key == "hydra":
+            continue
+        node = task_config._get_node(key)
+        text = OmegaConf.to_yaml(node) if isinstance(node, DictConfig) else str(node._value())
+        if "${hydra:" in text:
+            return True
+    return False
 
 
 def _common_settings(configs: Sequence[Config], job_overrides: Sequence[Sequence[str]]) -> Config:
@@ -162,12 +202,10 @@ def _common_settings(configs: Sequence[Config], job_overrides: Sequence[Sequence
     return first
 
 
-def write_hydra_files(task_config: DictConfig, run_dir: Path) -> None:
-    """Write RUN_DIR/.hydra/config.yaml, hydra.yaml and overrides.yaml as Hydra's run_job does."""
+def render_hydra_files(task_config: DictConfig) -> dict[str, str]:
+    """Return the texts of .hydra/config.yaml, hydra.yaml and overrides.yaml, as Hydra's run_job writes them."""
     # Plain containers instead of copies of the config: a deep copy of a DictConfig
-    # costs tens of milliseconds, and a sweep writes these files for every task.
-    hydra_dir = run_dir / ".hydra"
-    hydra_dir.mkdir(parents=True, exist_ok=True)
+    # costs milliseconds, and a sweep renders these files for every task.
     container = OmegaConf.to_container(task_config, resolve=False, enum_to_str=True)
     assert isinstance(container, dict)
     hydra_node = container.pop("hydra")
@@ -176,8 +214,15 @@ def write_hydra_files(task_config: DictConfig, run_dir: Path) -> None:
         "hydra.yaml": {"hydra": hydra_node},
         "overrides.yaml": hydra_node["overrides"]["task"],
     }
-    for name, value in files.items():
-        (hydra_dir / name).write_text(yaml.dump(value, Dumper=_YAML_DUMPER, sort_keys=False))
+    return {name: yaml.dump(value, Dumper=_YAML_DUMPER, sort_keys=False) for name, value in files.items()}
+
+
+def write_hydra_files(hydra_files: dict[str, str], run_dir: Path) -> None:
+    """Write the rendered .hydra/ files into RUN_DIR/.hydra/."""
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in hydra_files.items():
+        (hydra_dir / name).write_text(text)
 
 
 def _log_submitted(array_job_id: str, tasks: Sequence[submission.SweepTask], sweep_dir: Path,
