@@ -1,4 +1,4 @@
-"""What one task of a sweep runs: data, training, prediction and scoring.
+"""One task of a sweep: data, training, prediction and scoring.
 
 Takes the resolved, Hydra-free Config and the task's output folder; the same
 function runs under the local launcher and on a Slurm compute node.
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TaskResult:
-    """Where a finished task left its outputs, and its headline score."""
+    """Output paths of a finished task and its headline score."""
 
     run_dir: Path
     checkpoint: Path | None
