@@ -116,3 +116,12 @@ def test_resume_false_sets_old_checkpoints_aside(tmp_path: Path) -> None:
     assert (aside[0] / "history.jsonl").exists()
     steps = [json.loads(line)["step"] for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert steps == list(range(1, MAX_STEPS + 1))
+
+
+def test_changed_settings_names_each_difference() -> None:
+    from kitsjobs.train.loop import changed_settings
+
+    before = {"trainer": {"max_steps": 10, "amp": True}, "seed": 0}
+    after = {"trainer": {"max_steps": 20, "amp": True}, "seed": 1}
+    assert changed_settings(before, after) == ["seed: 0 -> 1", "trainer.max_steps: 10 -> 20"]
+    assert changed_settings(before, before) == []

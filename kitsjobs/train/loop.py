@@ -61,6 +61,18 @@ class TrainResult:
     best_step: int
 
 
+def changed_settings(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
+    """List ``key: old -> new`` for every setting that differs between two nested config dicts."""
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += changed_settings(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return changes
+
+
 def select_device(name: str) -> torch.device:
     """Map trainer.device ("auto", "cpu", "cuda") to a torch device."""
     if name == "auto":
@@ -189,11 +201,11 @@ class Trainer:
         if state is None:
             return False
         if state.get("config_hash") != config_hash(self.config):
+            changed = changed_settings(state.get("config") or {}, config_to_dict(self.config))
             logger.warning(
-                "checkpoint in %s was written with another config (hash %s, now %s); resuming anyway",
+                "resuming from %s, written with other settings: %s",
                 self.checkpoint_dir,
-                state.get("config_hash"),
-                config_hash(self.config),
+                ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "") or "(not recorded)",
             )
         self.load_state_dict(state)
         if self.dist.is_main:
@@ -251,7 +263,7 @@ class Trainer:
                 is_best = score > self.best_metric
                 if is_best:
                     self.best_metric, self.best_step = score, self.step
-                logger.info("step %d: validation Dice %.4f (best %.4f at step %d)",
+                logger.info("step %d: validation Dice %.4f, mean of 3 regions (best %.4f at step %d)",
                             self.step, score, self.best_metric, self.best_step)
             if record:
                 self._append_history({"step": self.step, **record})
