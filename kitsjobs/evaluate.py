@@ -41,6 +41,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from kitsjobs.cli import positive_int
 from kitsjobs.data.volumes import read_nifti
 from kitsjobs.errors import UserError
 from kitsjobs.fsutil import atomic_write_text
@@ -588,22 +589,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--jobs",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="number of worker processes that evaluate cases in parallel (default 1)",
     )
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _iter_segmentation_files(folder: Path) -> Iterable[tuple[str, Path]]:

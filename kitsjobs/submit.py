@@ -40,6 +40,7 @@ import yaml
 from tqdm import tqdm
 
 from kitsjobs import __version__
+from kitsjobs.cli import positive_int
 from kitsjobs.config import config_from_dict, config_hash
 from kitsjobs.data.layouts import find_images
 from kitsjobs.data.volumes import read_nifti
@@ -306,23 +307,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--jobs",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="number of worker processes that check cases in parallel (default 1)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _check_out_path(out_path: Path, overwrite: bool) -> None:

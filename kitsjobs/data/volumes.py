@@ -10,7 +10,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from kitsjobs.data.layouts import Case
 from kitsjobs.errors import UserError
 from kitsjobs.fsutil import atomic_write
 
@@ -60,36 +59,6 @@ def read_nifti(path: Path) -> nib.Nifti1Image:
     if len(image.shape) != 3:
         raise UserError(f"{path} has shape {image.shape}; a 3D volume is expected")
     return image
-
-
-def load_volume(case: Case, hu_min: float, hu_max: float) -> Volume:
-    """Load a case's image (scaled) and label (uint8) as slices-first arrays.
-
-    Raises:
-        UserError: unreadable file, or image and label of different shapes.
-    """
-    image_file = read_nifti(case.image)
-    try:
-        hu = np.asarray(image_file.dataobj)
-    except (OSError, EOFError, ValueError) as error:
-        raise UserError(f"cannot read {case.image}: {error}; check or replace the file") from None
-    image = scale_intensity(hu, hu_min, hu_max)
-
-    label = None
-    if case.label is not None:
-        label_file = read_nifti(case.label)
-        if label_file.shape != image_file.shape:
-            raise UserError(
-                f"case {case.name}: image {case.image} has shape {image_file.shape} but label "
-                f"{case.label} has shape {label_file.shape}; they must match"
-            )
-        try:
-            label = np.asarray(label_file.dataobj).astype(np.uint8, copy=False)
-        except (OSError, EOFError, ValueError) as error:
-            raise UserError(f"cannot read {case.label}: {error}; check or replace the file") from None
-
-    zooms = tuple(float(z) for z in image_file.header.get_zooms()[:3])
-    return Volume(case.name, image, label, image_file.affine.copy(), zooms)  # type: ignore[arg-type]
 
 
 def save_labels(path: Path, labels: np.ndarray, reference: nib.Nifti1Image) -> None:
