@@ -22,10 +22,13 @@ class DataConfig:
     # Dataset layout: "kits23" (CASE/imaging.nii.gz + CASE/segmentation.nii.gz)
     # or "flat" (volume/NAME.nii.gz + seg/NAME.nii.gz).
     layout: str = "kits23"
-    # Dataset folder; read only, never written.
+    # Dataset folder; read only, never written (data=demo points it at demo_dir).
     root: Optional[str] = None
-    # When above 0, procedural phantom cases are generated in root if missing.
+    # When above 0, this many procedural phantom cases are generated in demo_dir if
+    # missing; root must then be demo_dir.
     demo_cases: int = 0
+    # Folder owned by kitsjobs where data=demo generates its phantom cases.
+    demo_dir: Optional[str] = None
     # Number of cross-validation folds, and the fold held out for validation.
     num_folds: int = 5
     fold: int = 0

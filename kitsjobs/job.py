@@ -56,14 +56,36 @@ class TaskResult:
 
 
 def prepare_demo_data(config: Config) -> None:
-    """Generate the procedural phantom cases in data.root when data.demo_cases > 0."""
+    """Generate the procedural phantom cases in data.demo_dir when data.demo_cases > 0.
+
+    Raises:
+        UserError: data.root is not data.demo_dir (a dataset given with the demo data
+            group, which would be written into), or the demo folder holds other files.
+    """
     if config.data.demo_cases <= 0:
         return
+    from nibabel.filebasedimages import ImageFileError
+
     from kitsjobs.data.phantom import write_demo_dataset
 
-    root = Path(config.data.root or "").expanduser()
-    logger.info("demo data: %d phantom cases in %s", config.data.demo_cases, root)
-    write_demo_dataset(root, n_cases=config.data.demo_cases, seed=0)
+    if not config.data.demo_dir:
+        raise UserError("data.demo_cases is above 0 but data.demo_dir is not set; set data.demo_dir "
+                        "or data.demo_cases=0")
+    demo_dir = Path(config.data.demo_dir).expanduser()
+    if Path(config.data.root or "").expanduser().resolve() != demo_dir.resolve():
+        raise UserError(
+            f"data.root={config.data.root} was given with data=demo, which trains on generated "
+            f"phantoms in {demo_dir}; add data=kits23 (case folders) or data=flat (volume/ and seg/) "
+            "to train on your folder"
+        )
+    logger.info("demo data: %d phantom cases in %s", config.data.demo_cases, demo_dir)
+    try:
+        write_demo_dataset(demo_dir, n_cases=config.data.demo_cases, seed=0)
+    except (OSError, EOFError, ValueError, ImageFileError) as error:
+        raise UserError(
+            f"demo folder {demo_dir} holds files that are not kitsjobs phantoms ({error}); remove it, "
+            "or set KITSJOBS_DEMO_DIR (or data.demo_dir) to another folder"
+        ) from None
 
 
 # --- Training data: preprocessed cache or memory ----------------------------

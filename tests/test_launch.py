@@ -171,3 +171,13 @@ def test_rejected_rerun_keeps_hydra_files(smoke_run: Path, demo_data: Path) -> N
     after = {path.name: path.read_bytes() for path in (smoke_run / ".hydra").iterdir()}
     assert after == before
     assert (smoke_run / "launch.log").read_bytes() == log_before
+
+
+def test_root_with_demo_data_group_is_rejected(tmp_path: Path, demo_data: Path) -> None:
+    own = tmp_path / "my_dataset"
+    own.mkdir()
+    result = launch(["experiment=smoke", f"data.root={own}", "hydra.run.dir=run"], tmp_path, demo_data)
+    assert result.returncode == 2
+    assert "add data=kits23" in result.stderr
+    assert list(own.iterdir()) == []
+    assert not (tmp_path / "run").exists()
