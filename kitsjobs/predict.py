@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Optional, Union
 import torch
 from tqdm import tqdm
 
+from kitsjobs.cli import positive_int
 from kitsjobs.config import Config, config_from_dict
 from kitsjobs.data.cache import PreprocessSettings, check_output_outside_input
 from kitsjobs.data.layouts import Case, find_images
@@ -181,6 +183,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8 flips, 8x slower)")
     parser.add_argument("--no-amp", action="store_true", help="run in float32 on CUDA")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run the network")
+    slurm = parser.add_argument_group("Slurm", "submit the cases as one array job instead of predicting here")
+    slurm.add_argument("--slurm", metavar="TEMPLATE", default=None,
+                       help="admin template name (TEMPLATES_DIR/TEMPLATE.yaml), e.g. ippmed-a40")
+    slurm.add_argument("--templates-dir", type=Path,
+                       default=Path(os.environ.get("KITSJOBS_SLURM_TEMPLATES", "slurm_templates")),
+                       help="folder of the admin templates (default: $KITSJOBS_SLURM_TEMPLATES, else slurm_templates)")
+    slurm.add_argument("--cases-per-task", type=positive_int, default=1, help="cases one array task predicts")
+    slurm.add_argument("--gpus-per-task", type=int, default=1, help="GPUs each array task requests")
+    slurm.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
     return parser.parse_args(argv)
 
 
@@ -191,11 +202,39 @@ def main(argv: list[str] | None = None) -> int:
     options = PredictOptions(overlap=args.overlap, sw_batch_size=args.sw_batch_size, tta=args.tta,
                              amp=not args.no_amp, device=args.device)
     try:
+        if args.slurm:
+            return _submit_to_slurm(args, options)
         written = predict_folder(args.checkpoint, args.input, args.output, options)
     except (UserError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"{len(written)} prediction(s) written to {args.output}")
+    return 0
+
+
+def _submit_to_slurm(args: argparse.Namespace, options: PredictOptions) -> int:
+    """Submit the prediction as a Slurm array (or print its script with --dry-run); return the exit status."""
+    from kitsjobs.slurm.cluster import SlurmCommandError
+    from kitsjobs.slurm.predict_array import PredictionArray, submit_prediction_array
+
+    for checkpoint in args.checkpoint:
+        if not Path(checkpoint).is_file():
+            raise UserError(f"checkpoint {checkpoint} not found; pass RUN/checkpoints/best.pt of a finished run")
+    input_dir, output_dir = Path(args.input).resolve(), Path(args.output).resolve()
+    if output_dir == input_dir or input_dir in output_dir.parents:
+        raise UserError(f"output folder {output_dir} is inside the input folder {input_dir}; choose another")
+    array = PredictionArray(args.slurm, args.templates_dir, args.cases_per_task, args.gpus_per_task)
+    try:
+        result = submit_prediction_array(args.checkpoint, find_images(input_dir), output_dir, options, array,
+                                         dry_run=args.dry_run)
+    except SlurmCommandError as error:
+        print(f"error: {error}; nothing was submitted", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        sys.stdout.write(result)
+        return 0
+    print(f"submitted prediction array job {result}; predictions will appear in {output_dir}")
+    print(f"follow it with: squeue -j {result}; logs in {output_dir / '.kitsjobs_predict' / '.submitit'}")
     return 0
 
 

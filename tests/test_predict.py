@@ -97,3 +97,43 @@ def test_cli_bad_input_is_one_line(case: str, dataset: Path, tmp_path: Path) -> 
     assert result.stderr.startswith("error: ")
     assert "Traceback" not in result.stderr
     assert not (dataset / "preds").exists()
+
+
+@pytest.mark.slurm
+def test_slurm_array_predicts_each_case(slurm_cluster: str, dataset: Path, tmp_path: Path) -> None:
+    from slurm_cluster import wait_for_sacct
+
+    checkpoint = _checkpoint(tmp_path / "model", seed=0)
+    output = tmp_path / "predictions"
+    command = [sys.executable, "-m", "kitsjobs.predict", "--checkpoint", str(checkpoint), "--input", str(dataset),
+               "--output", str(output), "--slurm", "debug", "--templates-dir", str(REPO / "slurm_templates"),
+               "--device", "cpu"]
+    dry = subprocess.run([*command, "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    assert "#SBATCH --array=0-1%" in dry.stdout
+    assert "#SBATCH --partition=debug" in dry.stdout
+    assert not output.exists()
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.split("array job ")[1].split(";")[0]
+    records = wait_for_sacct(job_id, 300, task_count=2)
+    assert sorted(record.state for record in records) == ["COMPLETED", "COMPLETED"]
+    for name in ("case_00000", "case_00001"):
+        prediction = nib.load(output / f"{name}.nii.gz")
+        image = nib.load(dataset / name / "imaging.nii.gz")
+        assert prediction.shape == image.shape
+        np.testing.assert_allclose(prediction.affine, image.affine)
+
+
+@pytest.mark.slurm
+def test_slurm_array_rejects_unknown_template(slurm_cluster: str, dataset: Path, tmp_path: Path) -> None:
+    checkpoint = _checkpoint(tmp_path / "model", seed=0)
+    result = subprocess.run(
+        [sys.executable, "-m", "kitsjobs.predict", "--checkpoint", str(checkpoint), "--input", str(dataset),
+         "--output", str(tmp_path / "out"), "--slurm", "nope", "--templates-dir", str(REPO / "slurm_templates")],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "nope" in result.stderr
+    assert not (tmp_path / "out").exists()

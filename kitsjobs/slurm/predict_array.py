@@ -1,0 +1,101 @@
+"""Prediction of a folder of images as one Slurm array job, one task per group of cases.
+
+The job's files go to ``OUTPUT/.kitsjobs_predict/.submitit/`` (script, pickles, logs); each
+task writes its cases' predictions into OUTPUT atomically, so tasks never touch each other's files.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kitsjobs.config import LauncherConfig, SlurmConfig
+from kitsjobs.errors import UserError
+from kitsjobs.slurm import checks, cluster, submission
+from kitsjobs.slurm.request import array_throttle, build_request
+from kitsjobs.slurm.templates import load_template
+
+logger = logging.getLogger(__name__)
+
+JOB_FOLDER = ".kitsjobs_predict"
+JOB_NAME = "kitsjobs-predict"
+
+
+@dataclass
+class PredictionTask:
+    """What one array task runs: predict its share of the cases with the given checkpoints."""
+
+    checkpoints: list[str]
+    cases: list[tuple[str, str]]  # (case name, image path)
+    output_dir: str
+    options: Any  # kitsjobs.predict.PredictOptions
+
+    def __call__(self) -> list[str]:
+        """Predict the task's cases; return the written files."""
+        from kitsjobs.predict import predict_cases
+
+        cases = [(name, Path(image)) for name, image in self.cases]
+        written = predict_cases([Path(c) for c in self.checkpoints], cases, Path(self.output_dir), self.options)
+        return [str(path) for path in written]
+
+
+@dataclass(frozen=True)
+class PredictionArray:
+    """Where and how a prediction array is submitted."""
+
+    template: str  # template name: TEMPLATES_DIR/NAME.yaml
+    templates_dir: Path
+    cases_per_task: int = 1
+    gpus_per_task: int = 1
+
+
+def split_cases(cases: Sequence[tuple[str, Path]], cases_per_task: int) -> list[list[tuple[str, Path]]]:
+    """Group cases, in order, into tasks of at most ``cases_per_task``."""
+    if cases_per_task < 1:
+        raise UserError(f"--cases-per-task={cases_per_task} must be 1 or more")
+    return [list(cases[start:start + cases_per_task]) for start in range(0, len(cases), cases_per_task)]
+
+
+def submit_prediction_array(checkpoints: Sequence[Path], cases: Sequence[tuple[str, Path]], output_dir: Path,
+                            options: Any, array: PredictionArray, dry_run: bool = False) -> str:
+    """Submit the prediction of ``cases`` as one array job (one sbatch call).
+
+    Resources come from the admin template, checked against it and the live cluster before
+    anything is submitted, exactly as for a training sweep.
+
+    Returns:
+        The array job id, or with ``dry_run`` the sbatch script that would be submitted.
+
+    Raises:
+        UserError: no sbatch here, an invalid template or request, or no cases.
+    """
+    if not cases:
+        raise UserError("no cases to predict")
+    cluster.require_sbatch()
+    template = load_template(Path(array.templates_dir).expanduser().absolute(), array.template)
+    request = build_request(SlurmConfig(template=array.template, gpus_per_task=array.gpus_per_task), template)
+    checks.check_against_template(request, template)
+    groups = split_cases(cases, array.cases_per_task)
+    launcher = LauncherConfig(name="slurm", job_name=JOB_NAME)
+    throttle = array_throttle(request, template, launcher, len(groups))
+    checks.check_against_cluster(request, template)
+
+    job_dir = Path(output_dir).absolute() / JOB_FOLDER
+    executor = submission.make_executor(job_dir, submission.executor_parameters(template, request, launcher, throttle))
+    if dry_run:
+        return submission.render_script(executor, len(groups))
+
+    tasks = [PredictionTask([str(Path(c).absolute()) for c in checkpoints],
+                            [(name, str(Path(image).absolute())) for name, image in group],
+                            str(Path(output_dir).absolute()), options)
+             for group in groups]
+    with executor.batch():
+        jobs = [executor.submit(task) for task in tasks]
+    job_id = str(jobs[0].job_id).split("_", 1)[0]
+    logger.info("submitted prediction array %s: %d case(s) in %d task(s), at most %d at once; logs in %s",
+                job_id, len(cases), len(tasks), throttle, job_dir / submission.SUBMITIT_FOLDER)
+    return job_id
+
