@@ -26,7 +26,7 @@ JOB_NAME = "kitsjobs-predict"
 
 @dataclass
 class PredictionTask:
-    """What one array task runs: predict its share of the cases with the given checkpoints."""
+    """Callable of one array task: the checkpoints, its share of the cases and the output folder."""
 
     checkpoints: list[str]
     cases: list[tuple[str, str]]  # (case name, image path)
@@ -44,7 +44,7 @@ class PredictionTask:
 
 @dataclass(frozen=True)
 class PredictionArray:
-    """Where and how a prediction array is submitted."""
+    """Template, resources and task size of a prediction array."""
 
     template: str  # template name: TEMPLATES_DIR/NAME.yaml
     templates_dir: Path
