@@ -33,6 +33,7 @@ from kitsjobs.train.distributed import (
     wrap_model,
 )
 from kitsjobs.train.interrupt import StopRequest, TrainingInterrupted
+from kitsjobs.train.prefetch import BatchPrefetcher
 from kitsjobs.train.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
@@ -235,6 +236,9 @@ class Trainer:
         self.model.train()
         started = time.monotonic()
         last_checkpoint = started
+        # Patch sampling runs on the CPU; drawing the next batch during the current step
+        # takes it off the training step's time.
+        self.prefetcher = BatchPrefetcher(self._draw_batch)
         progress = tqdm(
             total=trainer.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True
         )
@@ -282,13 +286,18 @@ class Trainer:
                 last_checkpoint = time.monotonic()
             if stopping and self.step < trainer.max_steps:
                 progress.close()
+                self.prefetcher.close()
                 logger.warning("stop requested (%s): checkpoint written at step %d", self.stop.reason, self.step)
                 raise TrainingInterrupted(self.step, self.stop.reason)
         progress.close()
+        self.prefetcher.close()
         return TrainResult(self.step, self.best_metric, self.best_step)
 
+    def _draw_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.sampler.sample(sample_index(step, self.dist), self.config.data.batch_size)
+
     def _train_step(self) -> float:
-        images, labels = self.sampler.sample(sample_index(self.step, self.dist), self.config.data.batch_size)
+        images, labels = self.prefetcher.get(self.step)
         inputs = torch.from_numpy(images).to(self.device)
         targets = torch.from_numpy(labels).to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
