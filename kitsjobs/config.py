@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 @dataclass
 class DataConfig:
-    """Where the cases are and how training patches are drawn from them."""
+    """Dataset location, layout, folds, preprocessing and patch sampling."""
 
     # Dataset layout: "kits23" (CASE/imaging.nii.gz + CASE/segmentation.nii.gz)
     # or "flat" (volume/NAME.nii.gz + seg/NAME.nii.gz).
@@ -138,7 +138,7 @@ class TrainerConfig:
 
 @dataclass
 class LauncherConfig:
-    """How a sweep's tasks are run."""
+    """Backend that runs a sweep's tasks, and its options."""
 
     # "local": the tasks run one after another on this machine; "slurm": one array job.
     name: str = "local"
@@ -226,7 +226,7 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     """Build a Config from nested plain dicts, as stored in a checkpoint.
 
     Raises:
-        ValueError: if a section holds a key the schema does not define.
+        ValueError: if a section contains a key the schema does not define.
     """
     sections = {}
     for section in dataclasses.fields(Config):

@@ -60,7 +60,7 @@ def prepare_demo_data(config: Config) -> None:
 
     Raises:
         UserError: data.root is not data.demo_dir (a dataset given with the demo data
-            group, which would be written into), or the demo folder holds other files.
+            group, which would be written into), or the demo folder contains other files.
     """
     if config.data.demo_cases <= 0:
         return
@@ -83,7 +83,7 @@ def prepare_demo_data(config: Config) -> None:
         write_demo_dataset(demo_dir, n_cases=config.data.demo_cases, seed=0)
     except (OSError, EOFError, ValueError, ImageFileError) as error:
         raise UserError(
-            f"demo folder {demo_dir} holds files that are not kitsjobs phantoms ({error}); remove it, "
+            f"demo folder {demo_dir} contains files that are not kitsjobs phantoms ({error}); remove it, "
             "or set KITSJOBS_DEMO_DIR (or data.demo_dir) to another folder"
         ) from None
 
@@ -167,7 +167,7 @@ RUN_IDENTITY_SECTIONS = ("data", "model", "optim", "seed")
 # Keys of those sections that change how a run reads data, not what it learns.
 RESUMABLE_KEYS = frozenset({"data.check", "data.cache_dir", "data.cache_jobs", "data.demo_cases"})
 # What Hydra writes into the run folder before the task starts, and what the task writes first.
-# logs/ holds one file per Slurm attempt and rank.
+# logs/ contains one file per Slurm attempt and rank.
 RUN_START_FILES = frozenset({".hydra", "launch.log", "config.yaml", "split.json", "logs"})
 
 
@@ -209,7 +209,7 @@ def check_run_folder(config: Config, run_dir: Path) -> None:
     seed values as ``config`` (trainer settings such as max_steps may differ).
 
     Raises:
-        UserError: the folder holds results of another config, results while
+        UserError: the folder contains results of another config, results while
             trainer.resume is false, or files of something that is not a kitsjobs run.
     """
     entries = {path.name for path in run_dir.iterdir()} if run_dir.is_dir() else set()
@@ -222,7 +222,7 @@ def check_run_folder(config: Config, run_dir: Path) -> None:
         raise UserError(f"run folder {run_dir} already contains {', '.join(results[:5])} and no kitsjobs "
                         f"config.yaml; {fix}")
     if not config.trainer.resume:
-        raise UserError(f"run folder {run_dir} holds an earlier run and trainer.resume=false would overwrite "
+        raise UserError(f"run folder {run_dir} contains an earlier run and trainer.resume=false would overwrite "
                         f"its {', '.join(results[:5])}; {fix}, or drop trainer.resume=false to resume it")
     try:
         stored = yaml.safe_load(stored_path.read_text())
@@ -230,7 +230,7 @@ def check_run_folder(config: Config, run_dir: Path) -> None:
         raise UserError(f"cannot read {stored_path} of the earlier run ({error}); {fix}") from None
     differences = _identity_differences(stored if isinstance(stored, dict) else {}, config_to_dict(config))
     if differences:
-        raise UserError(f"run folder {run_dir} holds a run of another config ({'; '.join(differences[:5])}); "
+        raise UserError(f"run folder {run_dir} contains a run of another config ({'; '.join(differences[:5])}); "
                         f"resuming needs the same data, model, optim and seed; {fix}")
 
 

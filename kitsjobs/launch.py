@@ -92,7 +92,7 @@ def reject_unknown_keys(cfg: DictConfig) -> None:
 
 
 def remove_untouched_run_dir(run_dir: Path) -> None:
-    """Delete a run folder that holds only what Hydra wrote before the task started.
+    """Delete a run folder that contains only what Hydra wrote before the task started.
 
     A folder with anything else in it (checkpoints, predictions of an earlier
     run) is left as it is.

@@ -1,7 +1,7 @@
 """The Hydra Launcher behind ``python -m kitsjobs.launch -m ...``.
 
-It reads the experiment's ``launcher`` group: ``launcher=local`` runs the tasks
-one after another in this process; every task still runs to the end when another
+It reads the experiment's ``launcher`` group. ``launcher=local`` runs the tasks
+one after another in this process. Every task still runs to the end when another
 fails, and a summary lists all failed tasks with their overrides. ``launcher=slurm``
 submits them as one Slurm array job (kitsjobs.slurm.sweep).
 """
@@ -70,7 +70,8 @@ class SweepLauncher(Launcher):
         self.composer = TaskComposer(config, hydra_context)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        assert self.config is not None and self.hydra_context is not None, "setup() runs first"
+        assert self.config is not None, "setup() runs first"
+        assert self.hydra_context is not None
         backend = str(self.config.launcher.name)
         if backend == "local":
             return self._launch_local(job_overrides, initial_job_idx)
@@ -86,7 +87,9 @@ class SweepLauncher(Launcher):
         return self.composer.compose(overrides, index)
 
     def _launch_local(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
-        assert self.config is not None and self.hydra_context is not None and self.task_function is not None
+        assert self.config is not None, "setup() runs first"
+        assert self.hydra_context is not None
+        assert self.task_function is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         logger.info("running %d task(s) locally in %s", len(job_overrides), sweep_dir)

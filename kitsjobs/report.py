@@ -69,11 +69,11 @@ def write_report(sweep_dir: Path) -> Path:
     """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise UserError(f"sweep folder {sweep_dir} not found; pass the folder that holds the task folders, "
+        raise UserError(f"sweep folder {sweep_dir} not found; pass the folder that contains the task folders, "
                         "e.g. multirun/2026-01-31/12-00-00")
     runs = find_runs(sweep_dir)
     if not runs:
-        raise UserError(f"{sweep_dir} holds no run folder (none with history.jsonl, config.yaml or .hydra/); "
+        raise UserError(f"{sweep_dir} contains no run folder (none with history.jsonl, config.yaml or .hydra/); "
                         "pass a sweep folder or a run folder")
     best = best_run(runs)
     figure = plot_learning_curves(runs, sweep_dir / FIGURE_FOLDER / CURVES_FILE, best)

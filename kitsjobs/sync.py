@@ -83,7 +83,7 @@ def plan_sync(sweep_dir: Path) -> list[SyncPlan]:
     """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise UserError(f"sweep folder {sweep_dir} not found; pass the folder that holds the task folders, "
+        raise UserError(f"sweep folder {sweep_dir} not found; pass the folder that contains the task folders, "
                         "e.g. multirun/2026-01-31/12-00-00")
     plans = []
     for run_id, segments in sorted(find_offline_runs(sweep_dir).items()):

@@ -223,7 +223,7 @@ def test_other_config_in_run_folder_is_refused(tmp_path: Path, phantom: Path) ->
     shown = launch(["--cfg", "job", *SMOKE, f"data.root={phantom}", "model=segresnet"], tmp_path)
     before = write_earlier_run(tmp_path / "run", yaml.safe_load(shown.stdout))
     result = launch([*SMOKE, f"data.root={phantom}", "model=unet", "hydra.run.dir=run"], tmp_path)
-    assert_one_line_error(result, f"run folder {tmp_path / 'run'} holds a run of another config",
+    assert_one_line_error(result, f"run folder {tmp_path / 'run'} contains a run of another config",
                           "model.name: 'segresnet' then, 'unet' now", "pass a new hydra.run.dir")
     after = tree_digest(tmp_path / "run")
     for name in ("config.yaml", "checkpoints/latest.pt", "metrics.json"):

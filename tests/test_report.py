@@ -86,5 +86,5 @@ def test_report_bad_folder_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "sweep folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert report_main([str(tmp_path / "empty")]) == 2
-    assert "holds no run folder" in capsys.readouterr().err
+    assert "contains no run folder" in capsys.readouterr().err
     assert not (tmp_path / "empty" / "report.md").exists()

@@ -275,18 +275,25 @@ def check_resumed_run(run_dir: Path, attempts: int, reference: dict[str, torch.T
         assert f"attempt {attempt} (SLURM_RESTART_COUNT={attempt})" in first_line
 
 
+def interrupt_single_task(sweep_dir: Path, demo_data: Path, templates_dir: Path,
+                          command: list[str]) -> tuple[str, list]:
+    """Submit one task, run ``command JOB_ID`` once it logged step 8, and wait for its end."""
+    job_id = submit(sweep_dir, demo_data, templates_dir, ["seed=0"])
+    try:
+        wait_for_step(sweep_dir / "0", 8)
+        slurm(*command, job_id)
+        records = wait_for_sacct(job_id, TASK_TIMEOUT_S)
+    finally:
+        cancel_jobs([job_id])
+    return job_id, records
+
+
 @pytest.mark.slurm
 def test_usr2_requeues_and_resumes(slurm_cluster: str, tmp_path: Path, demo_data: Path, templates_dir: Path,
                                    reference_weights: dict[str, torch.Tensor]) -> None:
     sweep_dir = tmp_path / "sweep"
-    job_id = submit(sweep_dir, demo_data, templates_dir, ["seed=0"])
     run_dir = sweep_dir / "0"
-    try:
-        wait_for_step(run_dir, 8)
-        slurm("scancel", "--signal=USR2", job_id)
-        records = wait_for_sacct(job_id, TASK_TIMEOUT_S)
-    finally:
-        cancel_jobs([job_id])
+    job_id, records = interrupt_single_task(sweep_dir, demo_data, templates_dir, ["scancel", "--signal=USR2"])
     assert records[0].state == "COMPLETED"
     check_resumed_run(run_dir, 2, reference_weights)
 
@@ -303,14 +310,8 @@ def test_usr2_requeues_and_resumes(slurm_cluster: str, tmp_path: Path, demo_data
 def test_scontrol_requeue_saves_on_sigterm(slurm_cluster: str, tmp_path: Path, demo_data: Path,
                                            templates_dir: Path, reference_weights: dict[str, torch.Tensor]) -> None:
     sweep_dir = tmp_path / "sweep"
-    job_id = submit(sweep_dir, demo_data, templates_dir, ["seed=0"])
     run_dir = sweep_dir / "0"
-    try:
-        wait_for_step(run_dir, 8)
-        slurm("scontrol", "requeue", job_id)
-        records = wait_for_sacct(job_id, TASK_TIMEOUT_S)
-    finally:
-        cancel_jobs([job_id])
+    _, records = interrupt_single_task(sweep_dir, demo_data, templates_dir, ["scontrol", "requeue"])
     assert records[0].state == "COMPLETED"
     check_resumed_run(run_dir, 2, reference_weights)
     first = attempt_log_path(run_dir, 0, 0).read_text()

@@ -1,6 +1,6 @@
 """Preprocessed case cache: resampled, HU-scaled, body-cropped arrays read by memory map.
 
-A cache folder holds one folder per case::
+A cache folder contains one folder per case::
 
     CACHE/CASE/image.npy      (slices, rows, cols) float16 or float32, HU window scaled to [0, 1]
     CACHE/CASE/label.npy      same shape, uint8 labels (0 background, 1 kidney, 2 tumor, 3 cyst)
@@ -55,7 +55,7 @@ FOREGROUND_CLASSES = (1, 2, 3)
 
 @dataclass(frozen=True)
 class PreprocessSettings:
-    """How cases are brought to the network's grid and intensity range.
+    """Resampling, HU window and crop that bring cases to the network's grid and intensity range.
 
     Attributes:
         spacing_mm: target voxel size (slice, row, col) in mm; None keeps each case's spacing.
@@ -188,7 +188,7 @@ def sample_class_points(label: np.ndarray, points_per_class: int, seed: int) -> 
     """Draw a uniform sample of each foreground class's voxels, slab by slab.
 
     Each voxel gets a random key and the ``points_per_class`` smallest keys per class are kept,
-    which is a uniform sample without replacement that never holds more than one slab's voxels.
+    which is a uniform sample without replacement that never keeps more than one slab's voxels in memory.
 
     Args:
         label: (slices, rows, cols) uint8 label map; it may be a memory map.
@@ -372,7 +372,7 @@ def read_geometry(case_dir: Path) -> Optional[dict[str, Any]]:
 
 
 def is_up_to_date(case_dir: Path, case: Case, settings: PreprocessSettings) -> bool:
-    """Tell whether ``case_dir`` holds ``case`` preprocessed with ``settings`` from its current files."""
+    """Return whether ``case_dir`` contains ``case`` preprocessed with ``settings`` from its current files."""
     geometry = read_geometry(case_dir)
     if geometry is None or geometry.get("format_version") != CACHE_FORMAT_VERSION:
         return False

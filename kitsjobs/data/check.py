@@ -100,7 +100,7 @@ def check_dataset(
             "flat" (ROOT/volume/NAME.nii.gz and ROOT/seg/NAME.nii.gz).
         full: read every file to its end and check every voxel; when false, check
             pairing, duplicates and headers only (about a millisecond per file).
-        workers: processes checking cases in parallel. Each holds one case in
+        workers: processes checking cases in parallel. Each keeps one case in
             memory at a time: the label array plus, for float images, the image array.
         progress: show a tqdm progress bar on stderr.
 
@@ -397,7 +397,7 @@ def label_value_problems(values: np.ndarray) -> list[tuple[str, str]]:
 
 def check_volume(name: str, image: np.ndarray, label: Optional[np.ndarray], image_file: str = "",
                  label_file: str = "") -> list[Problem]:
-    """Check a loaded case's intensities and labels, as training holds them in memory.
+    """Check a loaded case's intensities and labels, as training keeps them in memory.
 
     Args:
         name: case name.
@@ -468,7 +468,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--layout", choices=LAYOUTS, default="kits23",
                         help="kits23: ROOT/CASE/imaging.nii.gz; flat: ROOT/volume/ and ROOT/seg/ (default kits23)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="cases checked in parallel; each holds one case in memory (default: up to 4)")
+                        help="cases checked in parallel; each keeps one case in memory (default: up to 4)")
     parser.add_argument("--headers-only", action="store_true",
                         help="check pairing and headers only, as training does before loading")
     args = parser.parse_args(argv)

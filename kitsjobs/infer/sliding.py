@@ -3,7 +3,7 @@
 Windows are visited row by row along z (slices). All windows of a row start at the same
 slice, so once a row is done every slice before the next row's first slice has received all
 its windows: those slices are reduced to labels (argmax) and their probabilities dropped.
-Only a slab one window deep holds float probabilities, so a 1059 x 512 x 512 case needs
+Only a slab one window deep is kept as float probabilities, so a 1059 x 512 x 512 case needs
 about classes x window depth x 512 x 512 x 4 bytes beside the image and labels. The
 blending equals Gaussian blending over the whole volume (MONAI's importance map with
 sigma 0.125 x window size), because argmax ignores the per-voxel normalisation.
@@ -34,7 +34,7 @@ Models = Union[torch.nn.Module, Sequence[torch.nn.Module]]
 
 @dataclass(frozen=True)
 class SlidingWindowSettings:
-    """How a volume is covered by windows and how their outputs are combined.
+    """Window size, overlap and blending with which a volume is covered and its outputs combined.
 
     Attributes:
         roi_size: window size (z, y, x) in voxels; a smaller volume is zero-padded per window.

@@ -14,7 +14,7 @@ from kitsjobs.slurm.templates import SlurmTemplate
 
 @dataclass(frozen=True)
 class ResourceRequest:
-    """What each task of the array asks Slurm for."""
+    """Resources each task of the array requests from Slurm."""
 
     gpus_per_node: int
     nodes: int
@@ -26,7 +26,7 @@ class ResourceRequest:
 
     @property
     def gpus_per_job(self) -> int:
-        """GPUs one task holds over all its nodes."""
+        """GPUs one task uses over all its nodes."""
         return self.gpus_per_node * self.nodes
 
     @property

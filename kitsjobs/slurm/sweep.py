@@ -186,7 +186,7 @@ def _uses_hydra_resolver(task_config: DictConfig) -> bool:
 
 
 def _common_settings(configs: Sequence[Config], job_overrides: Sequence[Sequence[str]]) -> Config:
-    """Return the first config after checking that every task asks for the same launcher and resources.
+    """Return the first config after checking that every task requests the same launcher and resources.
 
     Raises:
         UserError: a sweep over ``launcher.*`` or ``slurm.*``; one array has one resource request.

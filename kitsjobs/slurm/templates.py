@@ -30,7 +30,7 @@ PREEMPT_SIGNALS = ("TERM", "INT")
 
 @dataclass(frozen=True)
 class SlurmTemplate:
-    """What one partition or profile allows and needs, as an admin wrote it."""
+    """Limits and settings of one partition or profile, as an admin wrote them."""
 
     # Slurm partition the jobs go to (sbatch --partition).
     partition: str

@@ -10,7 +10,7 @@ The ``.wandb`` file uses the LevelDB log format. A 7-byte header (``:W&B``,
 magic 0xBEE1 little-endian, version 0) is followed by 32 KiB blocks of chunks.
 Each chunk starts with a CRC-32 (zlib) of type byte plus payload, a 2-byte
 length and a type byte (1 full, 2 first, 3 middle, 4 last). A payload is one ``wandb.proto`` Record.
-wandb 0.31 ships no Python reader, so this module holds one; it was checked
+wandb 0.31 ships no Python reader, so this module contains one; it was checked
 against files written by wandb 0.31.0.
 """
 
@@ -95,7 +95,7 @@ def iter_records(path: Path) -> Iterator[Any]:
 
 @dataclass
 class OfflineSegment:
-    """What one attempt of a task wrote to one offline run folder.
+    """Contents one attempt of a task wrote to one offline run folder.
 
     Attributes:
         folder: the ``offline-run-*`` folder.
@@ -156,7 +156,7 @@ def read_segment(folder: Path) -> OfflineSegment:
     folder = Path(folder)
     files = sorted(folder.glob("run-*.wandb"))
     if not files:
-        raise OfflineFileError(f"{folder} holds no run-*.wandb file")
+        raise OfflineFileError(f"{folder} contains no run-*.wandb file")
     segment = OfflineSegment(folder=folder, run_id=files[0].stem[len("run-"):])
     for record in iter_records(files[0]):
         kind = record.WhichOneof("record_type")
