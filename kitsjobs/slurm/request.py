@@ -94,16 +94,16 @@ def array_throttle(request: ResourceRequest, template: SlurmTemplate, launcher: 
         allowed: Optional[int] = template.gpu_quota_per_user // request.gpus_per_job
     else:
         allowed = None
-    wanted = launcher.max_parallel
-    if wanted is not None and wanted < 1:
-        raise UserError(f"launcher.max_parallel={wanted} must be 1 or more (or null for the quota's share)")
-    if wanted is not None and allowed is not None and wanted > allowed:
+    requested = launcher.max_parallel
+    if requested is not None and requested < 1:
+        raise UserError(f"launcher.max_parallel={requested} must be 1 or more (or null for the quota's share)")
+    if requested is not None and allowed is not None and requested > allowed:
         raise UserError(
-            f"launcher.max_parallel={wanted} is above what the GPU quota allows: "
+            f"launcher.max_parallel={requested} is above what the GPU quota allows: "
             f"{template.gpu_quota_per_user} GPUs per user / {request.gpus_per_job} per task = {allowed}; "
             f"use launcher.max_parallel={allowed} or less"
         )
-    throttle = wanted if wanted is not None else allowed
+    throttle = requested if requested is not None else allowed
     if throttle is None:
         throttle = task_count
     return max(1, min(throttle, task_count))
