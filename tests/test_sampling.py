@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
+from kitsjobs.data.cache import release_mapped_pages
 from kitsjobs.data.sampling import PatchSampler, check_class_ratios
 from kitsjobs.data.volumes import Volume, scale_intensity
 
@@ -91,6 +94,49 @@ def test_memory_map_patches_equal_in_memory(tmp_path) -> None:
     assert a[0].dtype == np.float32
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
+
+
+def _file_backed_resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("RssFile is missing from /proc/self/status")
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status (Linux)")
+
+
+@linux_only
+def test_sampling_releases_pages_of_memory_maps(tmp_path) -> None:
+    shape = (64, 256, 512)  # 16 MiB of float16, 8 MiB of labels
+    image = np.lib.format.open_memmap(tmp_path / "image.npy", mode="w+", dtype=np.float16, shape=shape)
+    image[:] = 0.5
+    label = np.lib.format.open_memmap(tmp_path / "label.npy", mode="w+", dtype=np.uint8, shape=shape)
+    label[:, 100:140, 200:260] = 1
+    del image, label
+    mapped = Volume("case", np.load(tmp_path / "image.npy", mmap_mode="r"),
+                    np.load(tmp_path / "label.npy", mmap_mode="r"), np.eye(4), (1.0, 1.0, 1.0))
+
+    float(mapped.image.astype(np.float32).sum())  # reads every page of the image
+    before = _file_backed_resident_bytes()
+    sampler = PatchSampler([mapped], (16, 32, 32), [0.5, 0.5, 0, 0], seed=0)
+    images, labels = sampler.sample(0, batch_size=2)
+    after = _file_backed_resident_bytes()
+
+    assert (images == 0.5).all()
+    assert labels.any()
+    # The 16 MiB read before sampling are no longer counted in this process's resident memory.
+    assert before - after > 12 * 2**20
+
+
+def test_release_leaves_writable_arrays_alone(tmp_path) -> None:
+    array = np.lib.format.open_memmap(tmp_path / "a.npy", mode="w+", dtype=np.uint8, shape=(4096,))
+    array[:] = 7
+    release_mapped_pages(array)
+    release_mapped_pages(np.zeros(3))
+    release_mapped_pages(None)
+    assert (array == 7).all()
 
 
 @pytest.mark.parametrize("ratios", [[1.5, -1, 0, 0], [0, 0, 0, 0], [1, 1, 1]])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import multiprocessing
 import os
 import shutil
@@ -542,3 +543,21 @@ def load_cached_volume(cache_dir: Path, name: str) -> Volume:
         name, image, label, np.asarray(geometry["affine"]),
         tuple(geometry["spacing_mm"]), class_points=points,  # type: ignore[arg-type]
     )
+
+
+def release_mapped_pages(array: Optional[np.ndarray]) -> None:
+    """Drop the pages of a read-only memory map from this process's resident memory.
+
+    The pages stay in the OS page cache, so the next read of them costs a page-table update,
+    not a disk read. Without this, every page a long training run has read counts in its
+    resident memory, which Slurm's accounting may hold against the job's memory request.
+    Writable arrays (whose pages could hold changes), arrays that are not memory maps, and
+    platforms without ``MADV_DONTNEED`` are left alone.
+    """
+    if array is None or array.flags.writeable:
+        return
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is not None and hasattr(mmap, "MADV_DONTNEED") and not base.closed:
+        base.madvise(mmap.MADV_DONTNEED)

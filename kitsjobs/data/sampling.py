@@ -4,7 +4,9 @@ Each patch is a pure function of (seed, step, index in batch), so a job resumed 
 draws the same patches as an uninterrupted run would at step N. A patch is centred on a
 voxel of a class drawn with ``class_ratios`` (background, kidney, tumor, cyst); a case that
 lacks a class shares that class's probability among the classes it has. Only the patch's
-window of a memory-mapped volume is read.
+window of a memory-mapped volume is read. Once a batch is copied, the pages it touched are
+dropped from the process's resident memory while the OS keeps them cached, so the resident
+memory of a long run stays near one batch instead of growing to the size of the dataset.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kitsjobs.data.cache import FOREGROUND_CLASSES, sample_class_points
+from kitsjobs.data.cache import FOREGROUND_CLASSES, release_mapped_pages, sample_class_points
 from kitsjobs.data.volumes import Volume
 
 # Foreground voxel coordinates kept per class and case to centre patches on; a uniform
@@ -93,12 +95,18 @@ class PatchSampler:
         """Return the batch of ``step``: images (B, 1, z, y, x) float32, labels (B, 1, z, y, x) int64."""
         images = np.zeros((batch_size, 1, *self.patch_size), dtype=np.float32)
         labels = np.zeros((batch_size, 1, *self.patch_size), dtype=np.int64)
+        case_indices = set()
         for index in range(batch_size):
             rng = np.random.default_rng([self.seed, step, index])
-            self._draw_patch(rng, images[index, 0], labels[index, 0])
+            case_indices.add(self._draw_patch(rng, images[index, 0], labels[index, 0]))
+        for case_index in case_indices:
+            volume = self.volumes[case_index]
+            release_mapped_pages(volume.image)
+            release_mapped_pages(volume.label)
         return images, labels
 
-    def _draw_patch(self, rng: np.random.Generator, image_out: np.ndarray, label_out: np.ndarray) -> None:
+    def _draw_patch(self, rng: np.random.Generator, image_out: np.ndarray, label_out: np.ndarray) -> int:
+        """Copy one patch into the output arrays; return the index of the case it came from."""
         case_index = int(rng.integers(len(self.volumes)))
         volume = self.volumes[case_index]
         shape = volume.image.shape
@@ -121,3 +129,4 @@ class PatchSampler:
                 target.append(slice(offset, offset + s))
         image_out[tuple(target)] = volume.image[tuple(source)]
         label_out[tuple(target)] = volume.label[tuple(source)]  # type: ignore[index]
+        return case_index
