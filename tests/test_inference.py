@@ -15,7 +15,13 @@ from monai.networks.nets import UNet
 from kitsjobs.data.cache import PreprocessSettings
 from kitsjobs.data.phantom import labels_to_image
 from kitsjobs.infer.pipeline import predict_file
-from kitsjobs.infer.sliding import predict_labels, window_starts
+from kitsjobs.infer.sliding import (
+    SlidingWindowSettings,
+    _accumulator_device,
+    _smaller_settings,
+    predict_labels,
+    window_starts,
+)
 
 CPU = torch.device("cpu")
 MARKER_HU = 2500
@@ -141,6 +147,32 @@ def test_other_errors_are_not_retried() -> None:
     with pytest.raises(RuntimeError, match="shape mismatch"):
         predict_labels(Broken(), np.zeros((8, 8, 8), np.float32), (8, 8, 8), 0.5, 4, CPU)
     assert Broken.calls == 1
+
+
+def test_large_slab_accumulates_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The test machines have no GPU, so the free memory CUDA reports is faked: 24 GiB.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (24 * 2**30, 24 * 2**30))
+    gpu = torch.device("cuda", 0)
+    auto = SlidingWindowSettings((128, 128, 128), accumulate_on="auto")
+    # 4 classes x 128 slices x 512 x 512 x 4 bytes = 0.5 GiB, at most a quarter of the free memory.
+    assert _accumulator_device(auto, gpu, 4 * 128 * 512 * 512 * 4) == gpu
+    # 7 GiB is more than a quarter of 24 GiB: the slab goes to host memory.
+    assert _accumulator_device(auto, gpu, 7 * 2**30) == CPU
+    assert _accumulator_device(SlidingWindowSettings((128, 128, 128), accumulate_on="device"), gpu, 7 * 2**30) == gpu
+    assert _accumulator_device(SlidingWindowSettings((128, 128, 128), accumulate_on="cpu"), gpu, 1) == CPU
+    assert _accumulator_device(auto, CPU, 1) == CPU
+
+
+def test_gpu_out_of_memory_moves_slab_first() -> None:
+    settings = SlidingWindowSettings((128, 128, 128), sw_batch_size=4, accumulate_on="auto")
+    gpu = torch.device("cuda", 0)
+    first = _smaller_settings(settings, gpu)
+    assert (first.accumulate_on, first.sw_batch_size) == ("cpu", 4)
+    second = _smaller_settings(first, gpu)
+    assert (second.accumulate_on, second.sw_batch_size) == ("cpu", 2)
+    third = _smaller_settings(second, gpu)
+    assert third.sw_batch_size == 1
+    assert _smaller_settings(third, gpu) is None
 
 
 def test_original_grid_without_resampling(marked_case) -> None:
