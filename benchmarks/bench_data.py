@@ -34,7 +34,14 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_infer import DEFAULT_DATA_DIR, DEFAULT_WORK_DIR, HU_MAX, HU_MIN, write_phantom_case  # noqa: E402
+from bench_infer import (  # noqa: E402
+    DEFAULT_DATA_DIR,
+    DEFAULT_WORK_DIR,
+    HU_MAX,
+    HU_MIN,
+    require_files,
+    write_phantom_case,
+)
 
 PATCH = (96, 96, 96)
 METHODS = ("monai-nifti", "monai-cache", "kitsjobs")
@@ -122,6 +129,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print a Markdown table."""
     args = parse_args(argv)
+    require_files(args.data / "labels" / f"{args.case}.nii.gz")
     case_dir = write_phantom_case(args.data / "labels" / f"{args.case}.nii.gz", args.work)
     cache_dir = args.work / "cache"
     if args.child:

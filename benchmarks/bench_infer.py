@@ -39,9 +39,21 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kits23"
+# The KiTS23 sample folder: $KITSJOBS_KITS23_DATA, else shared/data/kits23 beside the checkout.
+DEFAULT_DATA_DIR = Path(
+    os.environ.get("KITSJOBS_KITS23_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "kits23"
+)
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "kitsjobs_bench"
 HU_MIN, HU_MAX = -200.0, 400.0
+
+
+def require_files(*paths: Path) -> None:
+    """Exit with one line naming the first missing input file and how to point at the data."""
+    for path in paths:
+        if not Path(path).is_file():
+            print(f"error: {path} not found; pass --data DIR (a folder with labels/CASE.nii.gz) or set "
+                  "KITSJOBS_KITS23_DATA", file=sys.stderr)
+            raise SystemExit(2)
 
 
 def write_phantom_case(labels_path: Path, out_root: Path) -> Path:
@@ -150,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child, args.image, args.roi, args.overlap, args.sw_batch_size)
         return 0
     logging.basicConfig(level=logging.INFO)
+    require_files(args.data / "labels" / f"{args.case}.nii.gz")
     case_dir = write_phantom_case(args.data / "labels" / f"{args.case}.nii.gz", args.work)
     image_path = case_dir / "imaging.nii.gz"
     shape = nib.load(image_path).shape

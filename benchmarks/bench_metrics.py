@@ -30,11 +30,11 @@ import nibabel as nib
 import numpy as np
 import scipy
 
+from bench_infer import DEFAULT_DATA_DIR, require_files
 from kitsjobs.metrics import METRIC_COLUMNS, TOLERANCES_MM, compute_case_metrics
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kits23"
 DEFAULT_CASES = ("case_00000", "case_00151")
 
 # Region masks by comparison, valid because KiTS23 labels are 0-3.
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=3, help="runs per case and implementation. The shortest one counts"
     )
     args = parser.parse_args(argv)
+    for case in args.cases:
+        require_files(args.data / "labels" / f"{case}.nii.gz", args.data / "shifted" / f"{case}.nii.gz")
 
     # surface-distance 0.1 imports correlate and distance_transform_edt through
     # scipy.ndimage namespaces that SciPy deprecates.

@@ -105,15 +105,40 @@ def slurm_memory_grant_bytes(environ: Mapping[str, str] = os.environ) -> int | N
     """Return the memory Slurm granted this job on this node, or None outside Slurm.
 
     Reads SLURM_MEM_PER_NODE, else SLURM_MEM_PER_CPU x SLURM_CPUS_ON_NODE, else
-    SLURM_MEM_PER_GPU x SLURM_GPUS_ON_NODE (all in MB, as Slurm sets them).
+    SLURM_MEM_PER_GPU x SLURM_GPUS_ON_NODE (all in MB, as Slurm sets them). A variable that is
+    not a whole number is logged and ignored, so the grant is unknown rather than wrong.
     """
-    if environ.get("SLURM_MEM_PER_NODE"):
-        return int(environ["SLURM_MEM_PER_NODE"]) * 2**20
-    if environ.get("SLURM_MEM_PER_CPU"):
-        return int(environ["SLURM_MEM_PER_CPU"]) * int(environ.get("SLURM_CPUS_ON_NODE") or 1) * 2**20
-    if environ.get("SLURM_MEM_PER_GPU"):
-        return int(environ["SLURM_MEM_PER_GPU"]) * int(environ.get("SLURM_GPUS_ON_NODE") or 1) * 2**20
+    for name, count_name in (
+        ("SLURM_MEM_PER_NODE", None),
+        ("SLURM_MEM_PER_CPU", "SLURM_CPUS_ON_NODE"),
+        ("SLURM_MEM_PER_GPU", "SLURM_GPUS_ON_NODE"),
+    ):
+        if not environ.get(name):
+            continue
+        megabytes = _whole_number(environ, name)
+        count = _whole_number(environ, count_name) if count_name and environ.get(count_name) else 1
+        if megabytes is None or count is None:
+            return None
+        return megabytes * count * 2**20
     return None
+
+
+def _whole_number(environ: Mapping[str, str], name: str) -> int | None:
+    try:
+        return int(environ[name])
+    except ValueError:
+        logger.warning(
+            "%s=%r is not a whole number; the dataset's size is not checked against the Slurm memory grant",
+            name, environ[name],
+        )
+        return None
+
+
+def format_size(size_bytes: float) -> str:
+    """Return a size in GiB with one decimal, or in MiB below 1 GiB, e.g. '2.5 GiB' or '20 MiB'."""
+    if size_bytes >= 2**30:
+        return f"{size_bytes / 2**30:.1f} GiB"
+    return f"{size_bytes / 2**20:.0f} MiB"
 
 
 def check_memory_grant(cases: list[Case], config: Config, environ: Mapping[str, str] = os.environ) -> None:
@@ -129,8 +154,8 @@ def check_memory_grant(cases: list[Case], config: Config, environ: Mapping[str, 
     needed = estimate_prepared_bytes(cases, PreprocessSettings.from_data_config(config.data))
     if needed > DATASET_MEMORY_FRACTION * granted:
         raise UserError(
-            f"the {len(cases)} cases need about {needed / 2**30:.1f} GiB in memory, more than "
-            f"{DATASET_MEMORY_FRACTION:.0%} of the {granted / 2**30:.1f} GiB Slurm granted this job; "
+            f"the {len(cases)} cases need about {format_size(needed)} in memory, more than "
+            f"{DATASET_MEMORY_FRACTION:.0%} of the {format_size(granted)} Slurm granted this job; "
             "set data.cache_dir=/path/to/cache to read them by memory map, or request more memory"
         )
 

@@ -60,6 +60,9 @@ def resolve_config(cfg: DictConfig) -> Config:
         raise UserError(f"invalid value for {key}: {error.msg}") from None
     if not isinstance(config, Config):
         raise TypeError(f"the composed config is a {type(config).__name__}, expected Config")
+    if config.model.spacing_mm is None and config.data.spacing_mm is not None:
+        # Unless model.spacing_mm is set, the dynunet planner uses the spacing the cases are resampled to.
+        config.model.spacing_mm = list(config.data.spacing_mm)
     return config
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from kitsjobs.configstore import register_configs, reserve_unique_dir
 from kitsjobs.data.phantom import write_demo_dataset
 from kitsjobs.errors import UserError
 from kitsjobs.fsutil import atomic_write_json
+from kitsjobs.job import format_size, slurm_memory_grant_bytes
 from kitsjobs.train.checkpoint import LATEST, load_latest, save_checkpoint
 
 SMOKE = ["experiment=smoke", "data.demo_cases=0", "data.num_folds=2", "trainer.max_steps=2",
@@ -314,3 +316,16 @@ def test_read_only_output_folder_is_one_line(small_tmpfs: Path, phantom: Path) -
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True, timeout=30)
     result = launch([*SMOKE, f"data.root={phantom}", f"hydra.run.dir={small_tmpfs / 'run'}"], small_tmpfs.parent)
     assert_one_line_error(result, str(small_tmpfs / "run"), "Read-only file system")
+
+
+def test_malformed_slurm_memory_is_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="kitsjobs.job"):
+        assert slurm_memory_grant_bytes({"SLURM_MEM_PER_NODE": "abc"}) is None
+        assert slurm_memory_grant_bytes({"SLURM_MEM_PER_CPU": "1000", "SLURM_CPUS_ON_NODE": "x"}) is None
+    assert "SLURM_MEM_PER_NODE='abc' is not a whole number" in caplog.text
+    assert "SLURM_CPUS_ON_NODE='x'" in caplog.text
+
+
+def test_size_below_one_gib_in_mib() -> None:
+    assert format_size(20 * 2**20) == "20 MiB"
+    assert format_size(2.5 * 2**30) == "2.5 GiB"

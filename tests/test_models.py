@@ -199,3 +199,12 @@ def test_model_preset_takes_data_patch_size(name: str) -> None:
 
     assert config.model.name == name
     assert config.model.patch_size == [32, 64, 96]
+
+
+def test_dynunet_plans_with_data_spacing() -> None:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        resampled = compose("config", overrides=["model=dynunet", "data.spacing_mm=[3.0,0.8,0.8]"])
+        native = compose("config", overrides=["model=dynunet"])
+
+    assert resolve_config(resampled).model.spacing_mm == [3.0, 0.8, 0.8]
+    assert resolve_config(native).model.spacing_mm is None
