@@ -2,14 +2,18 @@
 
 Command line::
 
-    python -m kitsjobs.evaluate --predictions DIR --references DIR [--csv FILE] [--jobs N]
+    python -m kitsjobs.evaluate --predictions DIR --references DIR [--csv FILE] [--jobs N] [--overwrite]
     python -m kitsjobs.evaluate --predictions [NAME=]DIR [NAME=]DIR ... --references DIR
-        [--leaderboard FILE.md] [--leaderboard-csv FILE.csv] [--csv FILE] [--jobs N]
+        [--leaderboard FILE.md] [--leaderboard-csv FILE.csv] [--csv FILE] [--jobs N] [--overwrite]
 
 With one predictions folder the command prints one line per case and the mean.
 With several, each folder is one team or run, named by its folder name unless
 given as NAME=DIR, and the command ranks them as the KiTS23 challenge ranks teams
 (see :func:`kitsjobs.metrics.rank_teams`) and prints the leaderboard as Markdown.
+
+Output files are checked before any case is read: each must lie outside the predictions and
+references folders, its folder must exist, and an existing file is replaced only with
+``--overwrite``.
 
 All folders may use any of these layouts, and cases are matched by name:
 
@@ -44,7 +48,7 @@ from tqdm import tqdm
 from kitsjobs.cli import positive_int
 from kitsjobs.data.volumes import read_nifti
 from kitsjobs.errors import UserError
-from kitsjobs.fsutil import atomic_write_text
+from kitsjobs.fsutil import atomic_write_text, check_output_file, require_input_folder
 from kitsjobs.metrics import METRIC_COLUMNS, compute_case_metrics, rank_teams
 
 logger = logging.getLogger(__name__)
@@ -472,8 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         prediction_sets = [parse_prediction_set(text) for text in args.predictions]
+        _check_input_folders(args, prediction_sets)
         # Checked first so that a long evaluation does not end in this error.
-        _check_output_paths(args)
+        _check_output_paths(args, prediction_sets)
         if len(prediction_sets) == 1 and not _wants_leaderboard(args):
             return _run_single_folder(args, prediction_sets[0].folder)
         return _run_ranking(args, prediction_sets)
@@ -517,22 +522,26 @@ def _wants_leaderboard(args: argparse.Namespace) -> bool:
     return args.leaderboard is not None or args.leaderboard_csv is not None
 
 
-def _check_output_paths(args: argparse.Namespace) -> None:
-    outputs = {
-        "--csv": (args.csv, "CSV file"),
-        "--leaderboard": (args.leaderboard, "leaderboard file"),
-        "--leaderboard-csv": (args.leaderboard_csv, "leaderboard CSV file"),
-    }
+def _check_input_folders(args: argparse.Namespace, prediction_sets: Sequence[PredictionSet]) -> None:
+    for prediction_set in prediction_sets:
+        require_input_folder(prediction_set.folder, "--predictions", "predicted label volumes")
+    require_input_folder(args.references, "--references", "reference label volumes")
+
+
+def _check_output_paths(args: argparse.Namespace, prediction_sets: Sequence[PredictionSet]) -> None:
+    """Apply :func:`kitsjobs.fsutil.check_output_file` to each output file, and reject a file named twice."""
+    inputs = [("--predictions", prediction_set.folder) for prediction_set in prediction_sets]
+    inputs.append(("--references", args.references))
+    outputs = {"--csv": args.csv, "--leaderboard": args.leaderboard, "--leaderboard-csv": args.leaderboard_csv}
     seen: dict[Path, str] = {}
-    for option, (path, description) in outputs.items():
+    for option, path in outputs.items():
         if path is None:
             continue
-        if path.is_dir():
-            raise UserError(f"cannot write the {description} {path}: it is a folder. Pass a file path")
-        resolved = Path(os.path.abspath(path))
+        resolved = Path(path).expanduser().resolve()
         if resolved in seen:
             raise UserError(f"{seen[resolved]} and {option} both name {path}. Pass two different files")
         seen[resolved] = option
+        check_output_file(path, option, inputs, overwrite=args.overwrite)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -593,6 +602,11 @@ def _build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="number of worker processes that evaluate cases in parallel (default 1)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --csv, --leaderboard and --leaderboard-csv files that exist",
     )
     return parser
 

@@ -170,7 +170,9 @@ def load_training_data(
     the size against the Slurm memory grant.
 
     Raises:
-        UserError: cache folder inside data.root, a failed case, or not enough memory.
+        UserError: cache folder inside data.root or not a folder, a folder there that is not a
+            cache case folder, a case cached with other settings, a failed case, or not enough
+            memory.
     """
     if config.data.cache_dir is None:
         check_memory_grant(train_cases + val_cases, config)
@@ -179,7 +181,10 @@ def load_training_data(
     cache_dir = Path(config.data.cache_dir).expanduser()
     check_output_outside_input(config.data.root or "", cache_dir, option="data.cache_dir")
     settings = PreprocessSettings.from_data_config(config.data)
-    preprocess_cases(train_cases + val_cases, cache_dir, settings, jobs=config.data.cache_jobs)
+    # No launcher option rebuilds a cache: the message names another data.cache_dir, or
+    # python -m kitsjobs.preprocess --overwrite.
+    preprocess_cases(train_cases + val_cases, cache_dir, settings, jobs=config.data.cache_jobs,
+                     output_option="data.cache_dir", jobs_option="data.cache_jobs")
     train = [load_cached_volume(cache_dir, case.name) for case in train_cases]
     val = [load_cached_volume(cache_dir, case.name) for case in val_cases]
     return train, val

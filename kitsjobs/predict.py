@@ -3,6 +3,7 @@
 ``python -m kitsjobs.predict --checkpoint RUN/checkpoints/best.pt [MORE.pt ...] --input DIR --output DIR``
 writes OUTPUT/CASE.nii.gz for every image, on the image's own grid (same shape, affine and
 voxel size). Several checkpoints average their probabilities; ``--tta`` adds mirroring.
+An existing OUTPUT/CASE.nii.gz stops the command before any work unless ``--overwrite`` is given.
 """
 
 from __future__ import annotations
@@ -10,21 +11,23 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pickle
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from tqdm import tqdm
 
-from kitsjobs.cli import positive_int
+from kitsjobs.cli import non_negative_int, positive_int
 from kitsjobs.config import Config, config_from_dict
-from kitsjobs.data.cache import PreprocessSettings, check_output_outside_input
+from kitsjobs.data.cache import PreprocessSettings
 from kitsjobs.data.layouts import Case, find_images
 from kitsjobs.data.volumes import read_nifti, save_labels
 from kitsjobs.errors import UserError
+from kitsjobs.fsutil import check_output_folder, require_input_folder
 from kitsjobs.infer.pipeline import predict_file
 from kitsjobs.models.factory import build_model
 from kitsjobs.train.checkpoint import load_checkpoint
@@ -34,6 +37,12 @@ logger = logging.getLogger(__name__)
 
 # Mirror test-time augmentation flips every combination of the three spatial axes.
 TTA_AXES = (0, 1, 2)
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+PREDICTION_SUFFIX = ".nii.gz"
+# Errors torch.load(weights_only=True) raises for a file that is not a checkpoint, as of torch 2.13:
+# EOFError (empty file), KeyError or UnpicklingError (text, NIfTI or a pickle of other objects),
+# RuntimeError (a damaged or truncated zip archive).
+_UNREADABLE_CHECKPOINT_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, OSError)
 
 
 @dataclass
@@ -57,20 +66,42 @@ class PredictOptions:
     device: str = "auto"
 
 
+def read_checkpoint(checkpoint: Path) -> dict[str, Any]:
+    """Load a kitsjobs checkpoint with ``torch.load(weights_only=True)``, so no code in it runs.
+
+    Returns:
+        The checkpoint's state, which has at least the ``model`` and ``config`` entries.
+
+    Raises:
+        UserError: the file is missing, is not a PyTorch checkpoint (text, NIfTI, empty or
+            truncated file, or a pickle of objects other than tensors and plain values), or
+            lacks the ``model`` or ``config`` entry.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise UserError(f"--checkpoint {checkpoint} not found; pass RUN/checkpoints/best.pt of a finished run")
+    try:
+        state = load_checkpoint(checkpoint)
+    except _UNREADABLE_CHECKPOINT_ERRORS as error:
+        raise UserError(
+            f"--checkpoint {checkpoint} is not a readable kitsjobs checkpoint ({_describe_load_error(error)}); "
+            "pass RUN/checkpoints/best.pt or latest.pt of a training run"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(
+            f"--checkpoint {checkpoint} is not a kitsjobs checkpoint (no 'model' or 'config' entry); "
+            "pass RUN/checkpoints/best.pt or latest.pt of a training run"
+        )
+    return state
+
+
 def load_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, Config]:
     """Rebuild the network stored in a checkpoint and return (model, config).
 
     Raises:
-        UserError: missing or unreadable checkpoint.
+        UserError: missing or unreadable checkpoint (see :func:`read_checkpoint`).
     """
-    if not checkpoint.is_file():
-        raise UserError(f"checkpoint {checkpoint} not found; pass RUN/checkpoints/best.pt of a finished run")
-    try:
-        state = load_checkpoint(checkpoint)
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UserError(f"cannot load checkpoint {checkpoint}: {error}") from None
-    if "model" not in state or "config" not in state:
-        raise UserError(f"{checkpoint} is not a kitsjobs checkpoint (no 'model' or 'config' entry)")
+    state = read_checkpoint(checkpoint)
     config = config_from_dict(state["config"])
     model = build_model(config.model)
     model.load_state_dict(state["model"])
@@ -121,7 +152,9 @@ def predict_cases(
     Args:
         checkpoints: one checkpoint, or several for a fold ensemble.
         cases: Case objects or (name, image path) pairs.
-        output_dir: folder for the predictions, created if missing; files are written atomically.
+        output_dir: folder for the predictions, created if missing. Files are written atomically
+            and replace existing ones of the same name, so callers check first (a requeued Slurm
+            array task relies on rewriting its own cases).
         options: inference settings; None uses the checkpoint's.
 
     Returns:
@@ -131,7 +164,7 @@ def predict_cases(
         UserError: bad checkpoint, unreadable image or invalid option.
     """
     options = options or PredictOptions()
-    device = select_device(options.device)
+    device = _select_device(options.device)
     models, config = load_ensemble([Path(c) for c in checkpoints], device)
     settings = PreprocessSettings.from_data_config(config.data)
     roi_size = options.roi_size or config.trainer.sw_roi_size or config.data.patch_size
@@ -150,7 +183,7 @@ def predict_cases(
             models, image_path, settings, roi_size, overlap, sw_batch_size, device,
             amp=options.amp, mirror_axes=TTA_AXES if options.tta else (),
         )
-        target = output_dir / f"{name}.nii.gz"
+        target = output_dir / f"{name}{PREDICTION_SUFFIX}"
         save_labels(target, labels, read_nifti(image_path))
         logger.info("wrote %s", target)
         written.append(target)
@@ -158,16 +191,51 @@ def predict_cases(
 
 
 def predict_folder(
-    checkpoints: Sequence[Path], input_dir: Path, output_dir: Path, options: Optional[PredictOptions] = None
+    checkpoints: Sequence[Path],
+    input_dir: Path,
+    output_dir: Path,
+    options: Optional[PredictOptions] = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Predict every image found in ``input_dir`` (KiTS23, flat or plain files) into ``output_dir``.
 
+    The output folder is checked before any model is loaded (see :func:`find_prediction_targets`).
+
+    Args:
+        checkpoints: one checkpoint, or several for a fold ensemble.
+        input_dir: folder of CT images.
+        output_dir: folder for ``CASE.nii.gz`` predictions; created if missing, but its parent must exist.
+        options: inference settings; None uses the checkpoint's.
+        overwrite: replace predictions that already exist in ``output_dir``.
+
+    Returns:
+        The written prediction files, in case order.
+
     Raises:
-        UserError: bad checkpoint, input folder, or an output folder inside the input.
+        UserError: bad checkpoint or input folder, an output folder inside the input, or
+            existing predictions without ``overwrite``.
     """
-    check_output_outside_input(input_dir, output_dir)
-    images = find_images(input_dir)
+    images = find_prediction_targets(input_dir, output_dir, overwrite)
     return predict_cases(checkpoints, images, output_dir, options)
+
+
+def find_prediction_targets(input_dir: Path, output_dir: Path, overwrite: bool = False) -> list[tuple[str, Path]]:
+    """List the images of ``input_dir`` after checking that their predictions may go to ``output_dir``.
+
+    ``output_dir`` must lie outside ``input_dir`` and be a folder or a missing path whose parent
+    exists. Without ``overwrite``, no ``CASE.nii.gz`` of these images may exist in it yet.
+
+    Returns:
+        (case name, image path) of every image, as :func:`kitsjobs.data.layouts.find_images` finds them.
+
+    Raises:
+        UserError: naming the flag (``--input`` or ``--output``), the path and the fix.
+    """
+    require_input_folder(input_dir, "--input", "CT images (KiTS23 case folders, volume/ or NAME.nii.gz files)")
+    images = find_images(input_dir)
+    names = [f"{name}{PREDICTION_SUFFIX}" for name, _ in images]
+    check_output_folder(output_dir, "--output", [("--input", Path(input_dir))], names, overwrite)
+    return images
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -179,10 +247,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, type=Path, help="folder for CASE.nii.gz predictions")
     parser.add_argument("--overlap", type=float, default=None,
                         help="overlap fraction between windows in [0, 1) (default: the checkpoint's)")
-    parser.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass")
+    parser.add_argument("--sw-batch-size", type=positive_int, default=None,
+                        help="windows per forward pass, 1 or more (default: the checkpoint's)")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8 flips, 8x slower)")
     parser.add_argument("--no-amp", action="store_true", help="run in float32 on CUDA")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run the network")
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                        help="where to run the network; auto takes CUDA when visible, else the CPU")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace predictions that already exist in --output (other files there are kept)")
     slurm = parser.add_argument_group("Slurm", "submit the cases as one array job instead of predicting here")
     slurm.add_argument("--slurm", metavar="TEMPLATE", default=None,
                        help="admin template name (TEMPLATES_DIR/TEMPLATE.yaml), e.g. ippmed-a40")
@@ -190,7 +262,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        default=Path(os.environ.get("KITSJOBS_SLURM_TEMPLATES", "slurm_templates")),
                        help="folder of the admin templates (default: $KITSJOBS_SLURM_TEMPLATES, else slurm_templates)")
     slurm.add_argument("--cases-per-task", type=positive_int, default=1, help="cases one array task predicts")
-    slurm.add_argument("--gpus-per-task", type=int, default=1, help="GPUs each array task requests")
+    slurm.add_argument("--gpus-per-task", type=non_negative_int, default=1,
+                       help="GPUs each array task requests, 0 for a CPU-only task (default 1)")
     slurm.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
     return parser.parse_args(argv)
 
@@ -204,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.slurm:
             return _submit_to_slurm(args, options)
-        written = predict_folder(args.checkpoint, args.input, args.output, options)
+        written = predict_folder(args.checkpoint, args.input, args.output, options, overwrite=args.overwrite)
     except (UserError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -217,16 +290,16 @@ def _submit_to_slurm(args: argparse.Namespace, options: PredictOptions) -> int:
     from kitsjobs.slurm.cluster import SlurmCommandError
     from kitsjobs.slurm.predict_array import PredictionArray, submit_prediction_array
 
+    # A file that is not a checkpoint fails here, once, instead of in every array task.
     for checkpoint in args.checkpoint:
-        if not Path(checkpoint).is_file():
-            raise UserError(f"checkpoint {checkpoint} not found; pass RUN/checkpoints/best.pt of a finished run")
-    input_dir, output_dir = Path(args.input).resolve(), Path(args.output).resolve()
-    if output_dir == input_dir or input_dir in output_dir.parents:
-        raise UserError(f"output folder {output_dir} is inside the input folder {input_dir}; choose another")
+        read_checkpoint(checkpoint)
+    # Existing predictions are checked here, once, because the array tasks replace them: a
+    # requeued task must be able to rewrite the cases it wrote before it was preempted.
+    images = find_prediction_targets(args.input, args.output, args.overwrite)
+    output_dir = Path(args.output).resolve()
     array = PredictionArray(args.slurm, args.templates_dir, args.cases_per_task, args.gpus_per_task)
     try:
-        result = submit_prediction_array(args.checkpoint, find_images(input_dir), output_dir, options, array,
-                                         dry_run=args.dry_run)
+        result = submit_prediction_array(args.checkpoint, images, output_dir, options, array, dry_run=args.dry_run)
     except SlurmCommandError as error:
         print(f"error: {error}; nothing was submitted", file=sys.stderr)
         return 1
@@ -236,6 +309,28 @@ def _submit_to_slurm(args: argparse.Namespace, options: PredictOptions) -> int:
     print(f"submitted prediction array job {result}; predictions will appear in {output_dir}")
     print(f"follow it with: squeue -j {result}; logs in {output_dir / '.kitsjobs_predict' / '.submitit'}")
     return 0
+
+
+def _select_device(name: str) -> torch.device:
+    """Map ``--device`` to a torch device, naming the flag when the request cannot be met."""
+    if name not in DEVICE_CHOICES:
+        raise UserError(f"--device {name} is invalid; choose one of {', '.join(DEVICE_CHOICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            "--device cuda: no CUDA device is visible on this machine; use --device auto "
+            "(CUDA when visible, else the CPU) or --device cpu"
+        )
+    return select_device(name)
+
+
+def _describe_load_error(error: BaseException) -> str:
+    """One line on why torch.load rejected a file, without torch's advice to unpickle untrusted data."""
+    if isinstance(error, EOFError):
+        return "the file is empty or truncated"
+    if isinstance(error, (pickle.UnpicklingError, KeyError)):
+        return "not a PyTorch file, or it holds objects other than tensors and plain values"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return first_line[:160]
 
 
 if __name__ == "__main__":

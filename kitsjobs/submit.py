@@ -2,7 +2,7 @@
 
 Command line::
 
-    python -m kitsjobs.submit --predictions DIR --images DIR --out FILE.zip [--run RUN_DIR] [--jobs N]
+    python -m kitsjobs.submit --predictions DIR --images DIR --out FILE.zip [--run RUN_DIR] [--jobs N] [--overwrite]
 
 Every test image must have a prediction with the image's shape, an affine equal to
 the image's within :data:`kitsjobs.evaluate.AFFINE_TOLERANCE` on every entry, the
@@ -11,6 +11,9 @@ the zip is written only when there is none. The zip contains one ``CASE.nii.gz``
 case (the prediction file unchanged) and ``manifest.json``: the run folder, the
 hash of its config, the SHA-256 of each checkpoint, the kitsjobs version, and the
 SHA-256 of each file in the zip.
+
+``--out`` must end in ``.zip``, lie outside the predictions, images and run folders, and
+be in an existing folder; an existing file is replaced only with ``--overwrite``.
 
 The images folder may use the KiTS23 layout (``CASE/imaging.nii.gz``), the flat
 layout (``volume/CASE.nii.gz``) or hold ``CASE.nii.gz`` files. The predictions folder
@@ -24,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import sys
 import zipfile
 import zlib
@@ -46,7 +50,7 @@ from kitsjobs.data.layouts import find_images
 from kitsjobs.data.volumes import read_nifti
 from kitsjobs.errors import UserError
 from kitsjobs.evaluate import AFFINE_TOLERANCE, find_segmentations
-from kitsjobs.fsutil import atomic_write
+from kitsjobs.fsutil import atomic_write, check_output_file, require_input_folder
 from kitsjobs.metrics import VALID_LABELS
 from kitsjobs.train.checkpoint import BEST, LATEST, load_checkpoint
 
@@ -54,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
+ZIP_SUFFIX = ".zip"
 RUN_CONFIG_FILE = "config.yaml"
 CHECKPOINT_FOLDER = "checkpoints"
 _HASH_CHUNK_BYTES = 1 << 20
@@ -98,7 +103,8 @@ def prepare_submission(
     Args:
         predictions_dir: folder of predicted label volumes, one per test case.
         images_dir: folder of test images; its cases define the test set.
-        out_path: zip file to write.
+        out_path: zip file to write; it must end in ``.zip``, lie outside the predictions,
+            images and run folders, and be in an existing folder.
         run_dir: run folder of the model (``RUN/config.yaml``, ``RUN/checkpoints/``)
             recorded in the manifest; None records no run.
         jobs: number of worker processes that check cases in parallel.
@@ -111,13 +117,17 @@ def prepare_submission(
     Raises:
         SubmissionError: listing every violation by case (missing or extra case,
             unreadable file, shape, affine, data type or labels).
-        UserError: for a missing folder, an invalid run folder, or an output path
-            that exists (without ``overwrite``) or cannot be written.
+        UserError: for a missing folder, an invalid run folder, or an output path that
+            breaks a rule above, exists (without ``overwrite``) or cannot be written.
     """
     if jobs < 1:
         raise UserError(f"jobs must be at least 1, got {jobs}")
+    require_input_folder(Path(predictions_dir), "--predictions", "predicted label volumes")
+    require_input_folder(Path(images_dir), "--images", "test images")
     out_path = Path(out_path)
-    _check_out_path(out_path, overwrite)
+    # The run folder is kitsjobs' own output: a submission may be written into it.
+    inputs = [("--predictions", Path(predictions_dir)), ("--images", Path(images_dir))]
+    check_output_file(out_path, "--out", inputs, overwrite=overwrite, suffix=ZIP_SUFFIX)
     run_record = describe_run(Path(run_dir)) if run_dir is not None else None
 
     cases, violations = match_cases(Path(predictions_dir), Path(images_dir))
@@ -136,7 +146,8 @@ def prepare_submission(
         "files": [],
     }
     _write_zip(out_path, cases, manifest)
-    logger.info("wrote %d cases to %s", len(cases), out_path)
+    # The command line prints the result, so the log line is for library callers.
+    logger.debug("wrote %d cases to %s", len(cases), out_path)
     return manifest
 
 
@@ -316,15 +327,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_out_path(out_path: Path, overwrite: bool) -> None:
-    if out_path.is_dir():
-        raise UserError(f"--out {out_path} is a folder; pass a file path such as submission.zip")
-    if out_path.exists() and not overwrite:
-        raise UserError(f"--out {out_path} exists; pass another path, or --overwrite to replace it")
-    if not out_path.parent.is_dir():
-        raise UserError(f"folder of --out {out_path} not found; create {out_path.parent} first")
-
-
 def _geometry_problems(case: SubmissionCase, prediction: nib.Nifti1Image, image: nib.Nifti1Image) -> list[str]:
     if prediction.shape != image.shape:
         return [
@@ -389,10 +391,13 @@ def _run_config_hash(run_dir: Path, checkpoints: list[Path]) -> tuple[Path, str]
     try:
         state = load_checkpoint(source)
         return source, config_hash(config_from_dict(state["config"]))
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError, TypeError) as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, ValueError, TypeError) as error:
+        # torch's text for an UnpicklingError spans lines and suggests weights_only=False,
+        # which would run code from the file, so only the error's type is shown.
+        reason = type(error).__name__ if isinstance(error, pickle.UnpicklingError) else repr(error)
         raise UserError(
             f"run folder {run_dir} has no {RUN_CONFIG_FILE}, and the config of checkpoint {source} "
-            f"cannot be read: {error!r}; pass the folder of a kitsjobs run"
+            f"cannot be read: {reason}; pass the folder of a kitsjobs run"
         ) from None
 
 

@@ -125,6 +125,7 @@ def test_find_segmentations_duplicate_case(tmp_path: Path) -> None:
 @needs_data
 def test_cli_writes_official_values(small_copy: Path, tmp_path: Path) -> None:
     csv_path = tmp_path / "out" / "metrics.csv"
+    csv_path.parent.mkdir()
 
     result = run_cli(
         "--predictions", small_copy / "predictions_seg",
@@ -274,7 +275,7 @@ def break_csv_path(predictions: Path, references: Path) -> None:
 @pytest.mark.parametrize(
     ("break_input", "expected_words"),
     [
-        (break_missing_folder, ["predictions folder not found", "predictions"]),
+        (break_missing_folder, ["--predictions", "predictions not found"]),
         (break_empty_folder, ["no segmentations found in predictions folder"]),
         (
             break_shape,
@@ -291,7 +292,7 @@ def break_csv_path(predictions: Path, references: Path) -> None:
         (break_labels, ["prediction contains labels outside {0, 1, 2, 3}: 5", "predictions/case_a.nii.gz"]),
         (break_names, ["no prediction matches a reference case", "case_b", "case_a"]),
         (break_file, ["cannot read", "predictions/case_a.nii.gz"]),
-        (break_csv_path, ["cannot write the CSV file", "out.csv"]),
+        (break_csv_path, ["--csv", "out.csv is a folder"]),
     ],
     ids=[
         "missing-folder",
@@ -364,6 +365,7 @@ def test_rank_annotator2_above_shifted(tmp_path: Path, capsys: pytest.CaptureFix
         (references / f"{case}.nii.gz").symlink_to(DATA_DIR / "labels" / f"{case}.nii.gz")
     leaderboard_md = tmp_path / "board" / "leaderboard.md"
     leaderboard_csv = tmp_path / "board" / "leaderboard.csv"
+    leaderboard_md.parent.mkdir()
 
     exit_code = main(
         [
@@ -484,7 +486,7 @@ def test_parse_prediction_set(text: str, expected: PredictionSet) -> None:
     [
         (["{copy}", "copy={exact}"], [], ["two predictions folders are named copy", "NAME=DIR"]),
         (["=x"], [], ["invalid --predictions value '=x': the name is empty"]),
-        (["{exact}", "{missing}"], [], ["missing predictions folder not found"]),
+        (["{exact}", "{missing}"], [], ["--predictions", "missing not found"]),
         (
             ["{exact}", "{copy}"],
             ["--leaderboard", "{out}", "--leaderboard-csv", "{out}"],
@@ -516,3 +518,75 @@ def test_ranking_bad_input_exits_2(
     for word in expected_words:
         assert word in stderr_lines[0]
     assert not (tmp_path / "board.md").exists()
+
+
+# Output files: never inside an input folder, never replaced without --overwrite.
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
+@pytest.mark.parametrize("target", ["reference", "in-references", "in-predictions"])
+def test_csv_inside_inputs_rejected(
+    synthetic_folders: tuple[Path, Path], tmp_path: Path, target: str, overwrite: list[str]
+) -> None:
+    predictions, references = synthetic_folders
+    reference = references / "case_a.nii.gz"
+    reference_bytes = reference.read_bytes()
+    path = {
+        "reference": reference,
+        "in-references": references / "metrics.csv",
+        "in-predictions": predictions / "metrics.csv",
+    }[target]
+    folder_flag = "--predictions" if target == "in-predictions" else "--references"
+
+    result = run_cli(
+        "--predictions", predictions, "--references", references, "--csv", path, *overwrite, cwd=tmp_path
+    )
+
+    assert result.returncode == 2
+    stderr_lines = result.stderr.strip().splitlines()
+    assert len(stderr_lines) == 1, result.stderr
+    assert stderr_lines[0].startswith(f"error: --csv {path} is inside the {folder_flag} folder")
+    assert reference.read_bytes() == reference_bytes
+    assert sorted(path.name for path in references.iterdir()) == ["case_a.nii.gz"]
+    assert sorted(path.name for path in predictions.iterdir()) == ["case_a.nii.gz"]
+
+
+@pytest.mark.parametrize(
+    ("option", "header_start"), [("--csv", "case,"), ("--leaderboard", "| place |"), ("--leaderboard-csv", "place,")]
+)
+def test_existing_output_needs_overwrite(
+    synthetic_folders: tuple[Path, Path], tmp_path: Path, option: str, header_start: str
+) -> None:
+    predictions, references = synthetic_folders
+    output = tmp_path / "result.txt"
+    output.write_text("earlier result\n")
+
+    refused = run_cli("--predictions", predictions, "--references", references, option, output, cwd=tmp_path)
+    replaced = run_cli(
+        "--predictions", predictions, "--references", references, option, output, "--overwrite", cwd=tmp_path
+    )
+
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == f"error: {option} {output} exists; choose another path, or add --overwrite to replace it"
+    assert replaced.returncode == 0, replaced.stderr
+    assert output.read_text().startswith(header_start)
+
+
+def test_csv_missing_folder_not_created(synthetic_folders: tuple[Path, Path], tmp_path: Path) -> None:
+    predictions, references = synthetic_folders
+    target = tmp_path / "nonexist" / "dir" / "x.csv"
+
+    result = run_cli("--predictions", predictions, "--references", references, "--csv", target, cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert f"folder {target.parent} not found; create it first" in result.stderr
+    assert not (tmp_path / "nonexist").exists()
+
+
+def test_references_flag_named_when_missing(synthetic_folders: tuple[Path, Path], tmp_path: Path) -> None:
+    predictions, _ = synthetic_folders
+
+    result = run_cli("--predictions", predictions, "--references", tmp_path / "nope", cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: --references {tmp_path / 'nope'} not found")

@@ -85,18 +85,147 @@ def test_cli_flat_layout(tmp_path: Path) -> None:
     assert nib.load(tmp_path / "out" / "scan.nii.gz").shape == (7, 24, 24)
 
 
-@pytest.mark.parametrize("case", ["missing checkpoint", "output inside input", "bad overlap"])
+def _fake_checkpoints(folder: Path, dataset: Path) -> dict[str, Path]:
+    """Files named .pt that are not checkpoints: text, a NIfTI image and an empty file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fakes = {"text checkpoint": folder / "text.pt", "nifti checkpoint": folder / "nifti.pt",
+             "empty checkpoint": folder / "empty.pt"}
+    fakes["text checkpoint"].write_text("model weights go here\n")
+    fakes["nifti checkpoint"].write_bytes((dataset / "case_00000" / "imaging.nii.gz").read_bytes())
+    fakes["empty checkpoint"].write_bytes(b"")
+    return fakes
+
+
+BAD_INPUT_CASES = ["missing checkpoint", "output inside input", "bad overlap", "output is a file",
+                   "text checkpoint", "nifti checkpoint", "empty checkpoint", "missing input"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_CASES)
 def test_cli_bad_input_is_one_line(case: str, dataset: Path, tmp_path: Path) -> None:
     checkpoint = _checkpoint(tmp_path / "ck", 0)
+    fakes = _fake_checkpoints(tmp_path / "fake", dataset)
+    (tmp_path / "file").write_text("not a folder\n")
     args = {"missing checkpoint": ["--checkpoint", str(tmp_path / "nope.pt"), "--output", str(tmp_path / "out")],
             "output inside input": ["--checkpoint", str(checkpoint), "--output", str(dataset / "preds")],
-            "bad overlap": ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--overlap", "1.5"]}
+            "bad overlap": ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--overlap", "1.5"],
+            "output is a file": ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "file")],
+            "missing input": ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"),
+                              "--input", str(tmp_path / "nope")]}
+    for name, path in fakes.items():
+        args[name] = ["--checkpoint", str(path), "--output", str(tmp_path / "out")]
+    expected = {"missing checkpoint": "--checkpoint", "output inside input": "--output", "bad overlap": "--overlap",
+                "output is a file": f"--output {tmp_path / 'file'} is a file", "text checkpoint": "--checkpoint",
+                "nifti checkpoint": "--checkpoint", "empty checkpoint": "--checkpoint",
+                "missing input": f"--input {tmp_path / 'nope'} not found"}
     result = subprocess.run([sys.executable, "-m", "kitsjobs.predict", "--input", str(dataset), *args[case]],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ")
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert expected[case] in result.stderr
     assert "Traceback" not in result.stderr
+    assert "weights_only=False" not in result.stderr
     assert not (dataset / "preds").exists()
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / "file").read_text() == "not a folder\n"
+
+
+@pytest.mark.parametrize("flag", ["--sw-batch-size 0", "--sw-batch-size -2", "--gpus-per-task -1"])
+def test_cli_rejects_invalid_counts(flag: str, dataset: Path, tmp_path: Path) -> None:
+    checkpoint = _checkpoint(tmp_path / "ck", 0)
+    result = subprocess.run(
+        [sys.executable, "-m", "kitsjobs.predict", "--checkpoint", str(checkpoint), "--input", str(dataset),
+         "--output", str(tmp_path / "out"), *flag.split()],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert f"argument {flag.split()[0]}: must be" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_cuda_without_gpu_names_flag(dataset: Path, tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible, so --device cuda is valid here")
+    checkpoint = _checkpoint(tmp_path / "ck", 0)
+    result = subprocess.run(
+        [sys.executable, "-m", "kitsjobs.predict", "--checkpoint", str(checkpoint), "--input", str(dataset),
+         "--output", str(tmp_path / "out"), "--device", "cuda"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --device cuda: no CUDA device is visible")
+    assert "--device auto" in result.stderr
+    assert "trainer.device" not in result.stderr
+
+
+def test_cli_keeps_existing_predictions(dataset: Path, tmp_path: Path) -> None:
+    checkpoint = _checkpoint(tmp_path / "ck", 0)
+    output = tmp_path / "out"
+    output.mkdir()
+    earlier = output / "case_00000.nii.gz"
+    earlier.write_bytes(b"another model's prediction")
+    command = [sys.executable, "-m", "kitsjobs.predict", "--checkpoint", str(checkpoint), "--input", str(dataset),
+               "--output", str(output), "--device", "cpu"]
+
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1, refused.stderr
+    assert f"--output {output} already contains 1 of the 2 file(s) to write ({earlier})" in refused.stderr
+    assert "--overwrite" in refused.stderr
+    assert earlier.read_bytes() == b"another model's prediction"
+    assert sorted(path.name for path in output.iterdir()) == ["case_00000.nii.gz"]
+
+    replaced = subprocess.run([*command, "--overwrite"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert replaced.returncode == 0, replaced.stderr
+    for name in ("case_00000", "case_00001"):
+        assert nib.load(output / f"{name}.nii.gz").shape == nib.load(dataset / name / "imaging.nii.gz").shape
+
+
+def test_cli_never_replaces_copied_images(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    images, copy = tmp_path / "names_in", tmp_path / "names_copy"
+    for folder in (images, copy):
+        folder.mkdir()
+    image = nib.Nifti1Image(rng.integers(-1000, 500, (6, 20, 20)).astype(np.int16), np.diag([2.0, 1, 1, 1]))
+    nib.save(image, images / "scan.nii.gz")
+    (copy / "scan.nii.gz").write_bytes((images / "scan.nii.gz").read_bytes())
+    checkpoint = _checkpoint(tmp_path / "ck", 0)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "kitsjobs.predict", "--checkpoint", str(checkpoint), "--input", str(images),
+         "--output", str(copy), "--device", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+
+    assert result.returncode == 2
+    assert "already contains 1 of the 1 file(s)" in result.stderr
+    assert (copy / "scan.nii.gz").read_bytes() == (images / "scan.nii.gz").read_bytes()
+    assert nib.load(copy / "scan.nii.gz").get_data_dtype() == np.int16
+
+
+@pytest.mark.parametrize("case", ["existing predictions", "text checkpoint"])
+def test_slurm_checks_before_sbatch(case: str, dataset: Path, tmp_path: Path) -> None:
+    checkpoint = _checkpoint(tmp_path / "ck", 0)
+    output = tmp_path / "out"
+    output.mkdir()
+    if case == "existing predictions":
+        (output / "case_00001.nii.gz").write_bytes(b"earlier prediction")
+    else:
+        checkpoint = _fake_checkpoints(tmp_path / "fake", dataset)["text checkpoint"]
+
+    result = subprocess.run(
+        [sys.executable, "-m", "kitsjobs.predict", "--checkpoint", str(checkpoint), "--input", str(dataset),
+         "--output", str(output), "--slurm", "debug", "--templates-dir", str(REPO / "slurm_templates")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    expected = "already contains 1 of the 2 file(s)" if case == "existing predictions" else "--checkpoint"
+    assert expected in result.stderr
+    assert not (output / ".kitsjobs_predict").exists()
 
 
 @pytest.mark.slurm
@@ -124,6 +253,14 @@ def test_slurm_array_predicts_each_case(slurm_cluster: str, dataset: Path, tmp_p
         image = nib.load(dataset / name / "imaging.nii.gz")
         assert prediction.shape == image.shape
         np.testing.assert_allclose(prediction.affine, image.affine)
+
+    # A second submission into the same folder needs --overwrite, checked before sbatch.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2
+    assert "already contains 2 of the 2 file(s)" in again.stderr
+    replaced = subprocess.run([*command, "--overwrite", "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert replaced.returncode == 0, replaced.stderr
+    assert "#SBATCH --array=0-1%" in replaced.stdout
 
 
 @pytest.mark.slurm

@@ -216,7 +216,7 @@ def test_violations_keep_existing_zip(submission_inputs: tuple[Path, Path], tmp_
         ("out-exists", ["submission.zip exists", "--overwrite"]),
         ("run-missing", ["run folder", "not found"]),
         ("run-without-checkpoints", ["no checkpoint found in", "checkpoints"]),
-        ("images-missing", ["input folder", "not found"]),
+        ("images-missing", ["error: --images ", "no_images not found"]),
     ],
     ids=["out-exists", "run-missing", "run-without-checkpoints", "images-missing"],
 )
@@ -257,3 +257,81 @@ def test_main_returns_2_for_zero_jobs(submission_inputs: tuple[Path, Path], tmp_
     with pytest.raises(SystemExit) as raised:
         main(["--predictions", str(predictions), "--images", str(images), "--out", "x.zip", "--jobs", "0"])
     assert raised.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("target", "expected_words"),
+    [
+        ("predictions/in.zip", ["--out", "inside the --predictions folder"]),
+        ("images/in.zip", ["--out", "inside the --images folder"]),
+        ("predictions/case_00400.nii.gz", ["--out", "inside the --predictions folder"]),
+        ("s3.tar", ["--out", "s3.tar does not end in .zip"]),
+    ],
+    ids=["in-predictions", "in-images", "over-prediction", "not-zip"],
+)
+def test_out_outside_inputs_even_with_overwrite(
+    submission_inputs: tuple[Path, Path], run_folder: Path, tmp_path: Path, target: str, expected_words: list[str]
+) -> None:
+    images, predictions = submission_inputs
+    out = tmp_path / target
+    before = {path: path.read_bytes() for path in sorted(tmp_path.rglob("*")) if path.is_file()}
+
+    result = run_cli(
+        "--predictions", predictions, "--images", images, "--run", run_folder, "--out", out, "--overwrite",
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 2
+    stderr_lines = result.stderr.strip().splitlines()
+    assert len(stderr_lines) == 1, result.stderr
+    for word in expected_words:
+        assert word in stderr_lines[0]
+    after = {path: path.read_bytes() for path in sorted(tmp_path.rglob("*")) if path.is_file()}
+    assert after == before
+
+
+def test_submission_into_run_folder(
+    submission_inputs: tuple[Path, Path], run_folder: Path, tmp_path: Path
+) -> None:
+    images, predictions = submission_inputs
+    out = run_folder / "submission.zip"
+
+    result = run_cli("--predictions", predictions, "--images", images, "--run", run_folder, "--out", out,
+                     cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert zipfile.is_zipfile(out)
+
+
+def test_result_reported_once(submission_inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    images, predictions = submission_inputs
+    out = tmp_path / "submission.zip"
+
+    result = run_cli("--predictions", predictions, "--images", images, "--out", out, cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert output.count("wrote ") == 1
+    assert f"wrote {len(CASES)} cases and {MANIFEST_NAME} to {out}" in result.stdout
+
+
+def test_unreadable_run_checkpoint_is_one_line(
+    submission_inputs: tuple[Path, Path], run_folder: Path, tmp_path: Path
+) -> None:
+    images, predictions = submission_inputs
+    (run_folder / "config.yaml").unlink()
+    # A NIfTI file renamed .pt: torch.load(weights_only=True) raises pickle.UnpicklingError.
+    for checkpoint in (run_folder / "checkpoints").iterdir():
+        checkpoint.write_bytes((predictions / "case_00400.nii.gz").read_bytes())
+
+    result = run_cli(
+        "--predictions", predictions, "--images", images, "--run", run_folder, "--out", tmp_path / "s.zip",
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 2
+    stderr_lines = result.stderr.strip().splitlines()
+    assert len(stderr_lines) == 1, result.stderr
+    assert "the config of checkpoint" in stderr_lines[0]
+    assert "weights_only=False" not in result.stderr
+    assert not (tmp_path / "s.zip").exists()

@@ -10,25 +10,33 @@ A cache folder contains one folder per case::
                               preprocessing settings and the source files' sizes and mtimes
 
 A case folder appears in one rename once all its files are written, so an interrupted run
-leaves only hidden temporary folders, which the next run removes once they are stale. A case
-whose source files and settings have not changed is skipped, so preprocessing is idempotent.
+leaves only hidden temporary folders (``.CASE.tmp-HOST-PID-TOKEN``), which the next run removes
+(:func:`remove_stale_temporaries`). A case whose source files and settings have not changed is
+skipped, so preprocessing is idempotent. A case whose source files changed is rebuilt. A case
+built with other settings stops the run unless ``overwrite`` is set, and a folder that is not a
+cache case folder always does; either stops it before anything is written.
 The same steps also run in memory (:func:`prepare_volume`) for training without a cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
 import multiprocessing
 import os
+import re
 import shutil
+import signal
+import socket
+import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,6 +44,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from kitsjobs.data.check import ERROR, label_value_problems
 from kitsjobs.data.layouts import Case
 from kitsjobs.data.resample import SLAB_SLICES, resample_linear, resample_nearest, target_shape
 from kitsjobs.data.volumes import Volume, read_nifti
@@ -48,10 +57,18 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT_VERSION = 1
 IMAGE_DTYPES = ("float16", "float32")
 GEOMETRY_FILE = "geometry.json"
-# Temporary folders older than this are leftovers of an interrupted run.
-# NOTE: a case still being written after this long by another process would lose its folder.
+# A temporary folder of another host (whose processes this host cannot see) is a leftover of
+# an interrupted run once it is older than this.
+# NOTE: a case that another host is still writing after this long would lose its folder.
 STALE_TEMPORARY_AGE_S = 3600.0
+# .CASE.tmp-HOST-PID-TOKEN while a case is written, .CASE.old-HOST-PID-TOKEN while the folder
+# it replaces is removed. Folders of kitsjobs before host and pid were added lack HOST-PID-.
+TEMPORARY_NAME = re.compile(r"\.(?P<case>.+)\.(?:tmp|old)-(?:(?P<host>.+)-(?P<pid>\d+)-)?[0-9a-f]{12}")
 FOREGROUND_CLASSES = (1, 2, 3)
+# Tolerance of a label's affine against its image's.
+# NOTE: kitsjobs.data.check.check_case compares with these numbers written inline; change both.
+AFFINE_RTOL = 1e-5
+AFFINE_ATOL_MM = 1e-4
 
 
 @dataclass(frozen=True)
@@ -245,7 +262,11 @@ def _allocate_in_memory(name: str, shape: tuple[int, ...], dtype: str) -> np.nda
 
 
 def prepare_arrays(
-    case: Case, settings: PreprocessSettings, allocate: Allocator = _allocate_in_memory
+    case: Case,
+    settings: PreprocessSettings,
+    allocate: Allocator = _allocate_in_memory,
+    *,
+    check_label: bool = False,
 ) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray, dict[str, Any]]:
     """Crop, scale and resample one case into arrays that ``allocate`` provides.
 
@@ -256,12 +277,16 @@ def prepare_arrays(
         case: the case's files; ``case.label`` may be None (inference).
         settings: target spacing, HU window, crop threshold and image dtype.
         allocate: ``allocate(name, shape, dtype)`` returns the array for "image" or "label".
+        check_label: also reject a label whose affine differs from the image's or whose values
+            lie outside {0, 1, 2, 3}, before anything is allocated. The cache does; training
+            in memory leaves this to the dataset check, which ``data.check`` controls.
 
     Returns:
         (image, label or None, class points (N, 4) int32, geometry dict).
 
     Raises:
-        UserError: unreadable files, or image and label of different shapes.
+        UserError: unreadable files, image and label of different shapes, or (with
+            ``check_label``) a label off the image's grid or with invalid values.
     """
     image_file = read_nifti(case.image)
     raw, slope, intercept = _read_or_fail(case.image, lambda: read_hu(image_file))
@@ -273,7 +298,13 @@ def prepare_arrays(
                 f"case {case.name}: image {case.image} has shape {image_file.shape} but label "
                 f"{case.label} has shape {label_file.shape}; they must match"
             )
-        label = _read_or_fail(case.label, lambda: np.asarray(label_file.dataobj).astype(np.uint8, copy=False))
+        if check_label:
+            check_label_grid(case, image_file.affine, label_file.affine)
+        stored_label = _read_or_fail(case.label, lambda: np.asarray(label_file.dataobj))
+        if check_label:
+            check_label_values(case, stored_label)
+        label = stored_label.astype(np.uint8, copy=False)
+        del stored_label
 
     spacing = tuple(float(z) for z in image_file.header.get_zooms()[:3])
     raw_threshold = None
@@ -311,6 +342,35 @@ def prepare_arrays(
         "class_voxels": {str(c): int(n) for c, n in counts.items()},
     }
     return image, cache_label, points, geometry
+
+
+def check_label_grid(case: Case, image_affine: np.ndarray, label_affine: np.ndarray) -> None:
+    """Reject a label whose affine differs from its image's beyond the dataset check's tolerance.
+
+    Raises:
+        UserError: naming the label file and the largest difference in mm.
+    """
+    if not np.allclose(image_affine, label_affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL_MM):
+        difference_mm = float(np.max(np.abs(np.asarray(image_affine) - np.asarray(label_affine))))
+        raise UserError(
+            f"case {case.name}: label {case.label}: label affine differs from image affine (largest "
+            f"difference {difference_mm:.4g} mm); resample the label onto the image's grid or fix its "
+            "header, or remove the case (python -m kitsjobs.data.check lists every problem)"
+        )
+
+
+def check_label_values(case: Case, label: np.ndarray) -> None:
+    """Reject label values outside {0, 1, 2, 3}, read before the cast to uint8 could wrap them.
+
+    Raises:
+        UserError: naming the label file and the values found.
+    """
+    errors = [text for text, severity in label_value_problems(label) if severity == ERROR]
+    if errors:
+        raise UserError(
+            f"case {case.name}: label {case.label}: {'; '.join(errors)}; relabel it to 0 background, "
+            "1 kidney, 2 tumor, 3 cyst, or remove the case"
+        )
 
 
 def _read_or_fail(path: Path, read: Callable[[], Any]) -> Any:
@@ -402,7 +462,7 @@ def _write_case_folder(case: Case, folder: Path, settings: PreprocessSettings) -
         maps.append(array)
         return array
 
-    _, _, points, geometry = prepare_arrays(case, settings, allocate)
+    _, _, points, geometry = prepare_arrays(case, settings, allocate, check_label=True)
     for array in maps:
         array.flush()
     del maps
@@ -412,32 +472,247 @@ def _write_case_folder(case: Case, folder: Path, settings: PreprocessSettings) -
     atomic_write_json(folder / GEOMETRY_FILE, geometry)
 
 
-def _remove_stale_temporaries(cache_dir: Path, name: str) -> None:
-    now = time.time()
-    for leftover in cache_dir.glob(f".{name}.*"):
-        if leftover.is_dir() and now - leftover.stat().st_mtime > STALE_TEMPORARY_AGE_S:
-            logger.info("removing %s, left by an interrupted run", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
+# --------------------------------------------------------------------------------------------
+# What a cache folder already contains
+
+# State of a case's folder in the cache before the case is written there.
+MISSING = "missing"
+UP_TO_DATE = "up to date"
+# A cache folder of the same settings whose source files changed, whose files are
+# incomplete, or that an older kitsjobs wrote: rebuilt without asking.
+STALE = "stale"
+# A cache folder of the case built with other settings: rebuilt only with overwrite.
+OTHER_SETTINGS = "other settings"
+# Anything else, such as a case folder of a dataset: never replaced.
+NOT_A_CACHE = "not a cache folder"
 
 
-def preprocess_case(case: Case, cache_dir: Path, settings: PreprocessSettings) -> str:
+def inspect_case_folder(case_dir: Path, case: Case, settings: PreprocessSettings) -> tuple[str, list[str]]:
+    """Classify what ``case_dir`` contains before ``case`` is written there.
+
+    Returns:
+        (state, differences): the state is MISSING, UP_TO_DATE, STALE, OTHER_SETTINGS or
+        NOT_A_CACHE (no readable geometry.json of the cache format). For OTHER_SETTINGS the
+        differences name each setting with both values, e.g. "hu_max 400.0 cached, 300.0
+        requested"; otherwise they are empty.
+    """
+    case_dir = Path(case_dir)
+    if not os.path.lexists(case_dir):
+        return MISSING, []
+    geometry = read_geometry(case_dir) if case_dir.is_dir() else None
+    if not _is_cache_geometry(geometry):
+        return NOT_A_CACHE, []
+    version = geometry["format_version"]
+    if version > CACHE_FORMAT_VERSION:
+        return OTHER_SETTINGS, [f"format_version {version} cached, {CACHE_FORMAT_VERSION} requested"]
+    if version < CACHE_FORMAT_VERSION:
+        return STALE, []
+    differences = settings_differences(geometry["settings"], settings.to_dict())
+    if differences:
+        return OTHER_SETTINGS, differences
+    return (UP_TO_DATE if is_up_to_date(case_dir, case, settings) else STALE), []
+
+
+def _is_cache_geometry(geometry: Any) -> bool:
+    return (
+        isinstance(geometry, dict)
+        and isinstance(geometry.get("format_version"), int)
+        and isinstance(geometry.get("settings"), dict)
+    )
+
+
+def settings_differences(cached: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """Describe each setting whose value differs, as "NAME CACHED cached, REQUESTED requested".
+
+    Values are shown as JSON, as geometry.json stores them (null for a setting that is off).
+    """
+    names = list(requested) + [name for name in cached if name not in requested]
+    return [
+        f"{name} {json.dumps(cached.get(name))} cached, {json.dumps(requested.get(name))} requested"
+        for name in names
+        if cached.get(name) != requested.get(name)
+    ]
+
+
+def plan_cases(
+    cases: Sequence[Case],
+    cache_dir: Path,
+    settings: PreprocessSettings,
+    *,
+    overwrite: bool = False,
+    output_option: str = "--output",
+) -> list[Case]:
+    """Return the cases to write into ``cache_dir``, after checking every case's folder there.
+
+    Nothing is written, so a run that this rejects leaves the cache as it was.
+
+    Raises:
+        UserError: a case's folder is not a cache case folder, or (without ``overwrite``)
+            contains the case built with other settings. The message names the first such
+            folder and counts the others.
+    """
+    not_cache: list[str] = []
+    other_settings: list[tuple[str, list[str]]] = []
+    pending = []
+    for case in cases:
+        state, differences = inspect_case_folder(Path(cache_dir) / case.name, case, settings)
+        if state == NOT_A_CACHE:
+            not_cache.append(case.name)
+        elif state == OTHER_SETTINGS and not overwrite:
+            other_settings.append((case.name, differences))
+        elif state != UP_TO_DATE:
+            pending.append(case)
+
+    if not_cache:
+        raise UserError(_not_a_cache_message(Path(cache_dir), not_cache, output_option))
+    if other_settings:
+        name, differences = other_settings[0]
+        raise UserError(_other_settings_message(Path(cache_dir), name, differences, len(other_settings), output_option))
+    return pending
+
+
+def _not_a_cache_message(cache_dir: Path, names: Sequence[str], output_option: str) -> str:
+    others = f", nor are {len(names) - 1} other case folder(s) there" if len(names) > 1 else ""
+    return (
+        f"{cache_dir / names[0]} is not a kitsjobs cache case folder (no readable {GEOMETRY_FILE}){others}; "
+        f"nothing was replaced. Choose an empty folder or an existing kitsjobs cache for {output_option}"
+    )
+
+
+def _other_settings_message(
+    cache_dir: Path, name: str, differences: Sequence[str], count: int, output_option: str
+) -> str:
+    others = f" and {count - 1} more case(s)" if count > 1 else ""
+    return (
+        f"{output_option} {cache_dir} contains {name}{others} preprocessed with other settings "
+        f"({'; '.join(differences)}); another run may be reading the cache, so nothing was replaced. "
+        f"Choose another {output_option} for these settings, or add --overwrite to the "
+        "python -m kitsjobs.preprocess command to rebuild the cache"
+    )
+
+
+def _check_replaceable(
+    case_dir: Path, case: Case, settings: PreprocessSettings, overwrite: bool, output_option: str
+) -> str:
+    """Return the state of ``case_dir``; raise when the case must not be written there."""
+    state, differences = inspect_case_folder(case_dir, case, settings)
+    if state == NOT_A_CACHE:
+        raise UserError(_not_a_cache_message(case_dir.parent, [case.name], output_option))
+    if state == OTHER_SETTINGS and not overwrite:
+        raise UserError(_other_settings_message(case_dir.parent, case.name, differences, 1, output_option))
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Temporary folders
+
+
+def _host_name() -> str:
+    # Only characters that are safe in a file name, short enough to leave room for the case.
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "localhost"
+
+
+def _temporary_name(case_name: str, kind: str) -> str:
+    return f".{case_name}.{kind}-{_host_name()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        # PermissionError: the process exists but belongs to another user.
+        return True
+    return True
+
+
+def remove_stale_temporaries(cache_dir: Path, now_s: Optional[float] = None) -> list[Path]:
+    """Remove the temporary folders that interrupted runs left in ``cache_dir``, for any case.
+
+    A folder made by a process of this host is stale once that process no longer exists, so
+    a run writing the same cache right now keeps its folders. A folder of another host, or
+    without host and pid in its name, is stale once older than STALE_TEMPORARY_AGE_S.
+
+    NOTE: this trusts the host name and pid in the folder name. Containers on one host that
+    share a cache but not a pid namespace could remove each other's folders in progress; the
+    writer then fails with an OSError, and a rerun resumes.
+
+    Args:
+        cache_dir: an existing cache folder.
+        now_s: the current time in seconds since the epoch; None reads the clock.
+
+    Returns:
+        The folders removed.
+    """
+    host = _host_name()
+    now_s = time.time() if now_s is None else now_s
+    removed = []
+    for path in Path(cache_dir).iterdir():
+        match = TEMPORARY_NAME.fullmatch(path.name)
+        if match is None or path.is_symlink() or not path.is_dir():
+            continue
+        if _is_abandoned(path, match, host, now_s):
+            logger.info("removing %s, left by an interrupted run", path)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _is_abandoned(path: Path, match: re.Match[str], host: str, now_s: float) -> bool:
+    if match["host"] == host:
+        return not _process_exists(int(match["pid"]))
+    try:
+        age_s = now_s - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age_s > STALE_TEMPORARY_AGE_S
+
+
+# --------------------------------------------------------------------------------------------
+# Writing cases
+
+
+def preprocess_case(
+    case: Case,
+    cache_dir: Path,
+    settings: PreprocessSettings,
+    *,
+    overwrite: bool = False,
+    output_option: str = "--output",
+) -> str:
     """Write ``cache_dir/CASE`` unless it is up to date; return "kept" or "written".
 
     The case is written into a hidden temporary folder that is renamed into place, so readers
     see the old folder or the new one. When another process finishes the same case first, its
     folder is kept.
+
+    Args:
+        case: the case's files.
+        cache_dir: an existing cache folder.
+        settings: preprocessing settings.
+        overwrite: replace the case when the cache contains it built with other settings.
+        output_option: how the caller names ``cache_dir`` in error messages.
+
+    Raises:
+        UserError: the case's files fail a check, or ``cache_dir/CASE`` is not a cache case
+            folder, or (without ``overwrite``) contains the case built with other settings.
     """
     cache_dir = Path(cache_dir)
     final = cache_dir / case.name
-    if is_up_to_date(final, case, settings):
+    if _check_replaceable(final, case, settings, overwrite, output_option) == UP_TO_DATE:
         return "kept"
-    _remove_stale_temporaries(cache_dir, case.name)
-    temporary = cache_dir / f".{case.name}.tmp-{uuid.uuid4().hex[:12]}"
+    temporary = cache_dir / _temporary_name(case.name, "tmp")
     temporary.mkdir(parents=True)
     try:
         _write_case_folder(case, temporary, settings)
-        if final.exists():
-            retired = cache_dir / f".{case.name}.old-{uuid.uuid4().hex[:12]}"
+        # Another process may have written the case meanwhile, with these settings or others.
+        state = _check_replaceable(final, case, settings, overwrite, output_option)
+        if state == UP_TO_DATE:
+            shutil.rmtree(temporary, ignore_errors=True)
+            return "kept"
+        if state != MISSING:
+            retired = cache_dir / _temporary_name(case.name, "old")
             os.replace(final, retired)
             shutil.rmtree(retired, ignore_errors=True)
         os.rename(temporary, final)
@@ -453,11 +728,84 @@ def preprocess_case(case: Case, cache_dir: Path, settings: PreprocessSettings) -
     return "written"
 
 
+# (case name, "kept", "written" or "failed", error message or None)
+CaseResult = tuple[str, str, Optional[str]]
+
+
+def _preprocess_reporting_errors(
+    case: Case, cache_dir: Path, settings: PreprocessSettings, overwrite: bool, output_option: str
+) -> CaseResult:
+    try:
+        return case.name, preprocess_case(case, cache_dir, settings, overwrite=overwrite,
+                                          output_option=output_option), None
+    except UserError as error:
+        return case.name, "failed", str(error)
+
+
 def _worker_init() -> None:
+    # Ctrl-C reaches every process of the terminal's process group; the parent stops the
+    # workers, so a worker must not print its own KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One process per case already uses the cores; torch threads would oversubscribe them.
     import torch
 
     torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT in this process while worker processes start, so that they inherit it.
+
+    Without it, Ctrl-C while a worker imports its modules (before ``_worker_init``) would
+    print that worker's traceback. A SIGINT that arrives meanwhile is lost.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _write_pending(
+    pending: Sequence[Case], write: Callable[[Case], CaseResult], jobs: int, record: Callable[[CaseResult], None]
+) -> None:
+    """Run ``write`` on each case, in this process or in ``jobs`` worker processes."""
+    if jobs == 1 or len(pending) <= 1:
+        for case in pending:
+            record(write(case))
+        return
+
+    context = multiprocessing.get_context("spawn")
+    with _sigint_ignored():
+        pool = context.Pool(min(jobs, len(pending)), initializer=_worker_init)
+    # Leaving the block terminates the workers, also on KeyboardInterrupt: their temporary
+    # folders stay until remove_stale_temporaries runs.
+    with pool:
+        for result in pool.imap_unordered(write, pending):
+            record(result)
+        pool.close()
+        pool.join()
+
+
+def prepare_cache_folder(cache_dir: Path, output_option: str = "--output") -> Path:
+    """Create the cache folder if missing and return it, user directory expanded.
+
+    Raises:
+        UserError: ``cache_dir`` is a file or cannot be created.
+    """
+    cache_dir = Path(cache_dir).expanduser()
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise UserError(f"{output_option} {cache_dir} is a file, not a folder; choose a folder for the cache")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"cannot create {output_option} {cache_dir}: {error.strerror}; choose a folder you can write"
+        ) from None
+    return cache_dir
 
 
 def preprocess_cases(
@@ -466,54 +814,72 @@ def preprocess_cases(
     settings: PreprocessSettings,
     jobs: int = 1,
     progress: bool = True,
+    *,
+    overwrite: bool = False,
+    output_option: str = "--output",
+    jobs_option: str = "--jobs",
 ) -> dict[str, str]:
     """Preprocess every case into ``cache_dir``, skipping those already up to date.
+
+    Temporary folders of interrupted runs are removed first. Then every case's folder is
+    checked before any is written: a folder that is not a cache case folder, or a case built
+    with other settings (unless ``overwrite``), stops the run with the cache unchanged.
 
     Args:
         cases: the dataset's cases (labels optional).
         cache_dir: cache folder, created if missing.
-        settings: preprocessing settings; a change rebuilds every case.
+        settings: preprocessing settings.
         jobs: worker processes; 1 runs in this process.
         progress: show a tqdm progress bar.
+        overwrite: rebuild cases that the cache contains built with other settings.
+        output_option, jobs_option: how the caller names ``cache_dir`` and ``jobs`` in error
+            messages ("--output" and "--jobs" on the command line, "data.cache_dir" and
+            "data.cache_jobs" in the launcher).
 
     Returns:
         {case name: "kept" or "written"}.
 
     Raises:
-        UserError: ``jobs`` below 1, or cases that failed (all named, after the others finished).
+        UserError: ``jobs`` below 1, ``cache_dir`` a file or not writable, a folder that must
+            not be replaced, or cases that failed (all named, after the others finished).
+        KeyboardInterrupt: on Ctrl-C, after the worker processes are stopped and the
+            temporary folders removed. Cases already written stay.
     """
     if jobs < 1:
-        raise UserError(f"--jobs {jobs} is invalid; give 1 or more worker processes")
+        raise UserError(f"{jobs_option}={jobs} is invalid; give 1 or more worker processes")
     cache_dir = Path(cache_dir).expanduser()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    pending = [case for case in cases if not is_up_to_date(cache_dir / case.name, case, settings)]
+    if cache_dir.is_dir():
+        remove_stale_temporaries(cache_dir)
+    pending = plan_cases(cases, cache_dir, settings, overwrite=overwrite, output_option=output_option)
+    cache_dir = prepare_cache_folder(cache_dir, output_option)
     status = {case.name: "kept" for case in cases}
     logger.info("cache %s: %d of %d cases to preprocess", cache_dir, len(pending), len(cases))
 
     failures: dict[str, str] = {}
     bar = tqdm(total=len(pending), desc="preprocess", unit="case", disable=not progress or not pending)
-    if jobs == 1 or len(pending) <= 1:
-        for case in pending:
-            try:
-                status[case.name] = preprocess_case(case, cache_dir, settings)
-            except UserError as error:
-                failures[case.name] = str(error)
-            bar.update(1)
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(jobs, len(pending)), mp_context=context, initializer=_worker_init) as pool:
-            futures = {pool.submit(preprocess_case, case, cache_dir, settings): case for case in pending}
-            for future in as_completed(futures):
-                name = futures[future].name
-                try:
-                    status[name] = future.result()
-                except UserError as error:
-                    failures[name] = str(error)
-                bar.update(1)
+
+    def record(result: CaseResult) -> None:
+        name, state, error = result
+        if error is None:
+            status[name] = state
+        else:
+            failures[name] = error
+        bar.update(1)
+
+    write = partial(_preprocess_reporting_errors, cache_dir=cache_dir, settings=settings, overwrite=overwrite,
+                    output_option=output_option)
+    try:
+        _write_pending(pending, write, jobs, record)
+    except KeyboardInterrupt:
+        bar.close()
+        # The workers have exited, so their folders count as stale now.
+        remove_stale_temporaries(cache_dir)
+        raise
     bar.close()
 
     if failures:
-        details = "; ".join(f"{name}: {message}" for name, message in sorted(failures.items()))
+        # Each message names its case or file.
+        details = "; ".join(message for _, message in sorted(failures.items()))
         raise UserError(f"{len(failures)} case(s) failed to preprocess: {details}")
     return status
 

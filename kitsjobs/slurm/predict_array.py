@@ -2,6 +2,8 @@
 
 The job's files go to ``OUTPUT/.kitsjobs_predict/.submitit/`` (script, pickles, logs); each
 task writes its cases' predictions into OUTPUT atomically, so tasks never touch each other's files.
+A task replaces existing predictions of its own cases, so that a requeued task can rewrite them;
+``python -m kitsjobs.predict`` checks OUTPUT for existing predictions once, before submitting.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import pickle
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -75,7 +76,7 @@ def load_latest(folder: Path) -> Optional[dict[str, Any]]:
     for index, path in enumerate(existing):
         try:
             return load_checkpoint(path)
-        except (RuntimeError, EOFError, OSError, ValueError) as error:
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
             fallback = existing[index + 1] if index + 1 < len(existing) else None
             logger.warning(
                 "checkpoint %s is unreadable (%s); %s",
