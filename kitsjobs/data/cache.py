@@ -44,7 +44,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from kitsjobs.data.check import ERROR, label_value_problems
+from kitsjobs.data.check import AFFINE_ATOL_MM, AFFINE_RTOL, ERROR, label_value_problems
 from kitsjobs.data.layouts import Case
 from kitsjobs.data.resample import SLAB_SLICES, resample_linear, resample_nearest, target_shape
 from kitsjobs.data.volumes import Volume, read_nifti
@@ -65,10 +65,6 @@ STALE_TEMPORARY_AGE_S = 3600.0
 # it replaces is removed. Folders of kitsjobs before host and pid were added lack HOST-PID-.
 TEMPORARY_NAME = re.compile(r"\.(?P<case>.+)\.(?:tmp|old)-(?:(?P<host>.+)-(?P<pid>\d+)-)?[0-9a-f]{12}")
 FOREGROUND_CLASSES = (1, 2, 3)
-# Tolerance of a label's affine against its image's.
-# NOTE: kitsjobs.data.check.check_case compares with these numbers written inline; change both.
-AFFINE_RTOL = 1e-5
-AFFINE_ATOL_MM = 1e-4
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,9 @@ WARNING = "warning"
 CHECK_MODES = ("error", "warn", "off")
 # Background, kidney, tumor, cyst.
 LABEL_VALUES = (0, 1, 2, 3)
+# Tolerance of a label's affine against its image's (relative, and absolute in mm).
+AFFINE_RTOL = 1e-5
+AFFINE_ATOL_MM = 1e-4
 # Coarser voxels than this are not abdominal CT (KiTS23 slices are 0.5 to 5 mm thick).
 MAX_SPACING_MM = 10.0
 GZIP_CHUNK_BYTES = 16 * 2**20
@@ -243,7 +246,7 @@ def check_case(case: CaseFiles, full: bool = True) -> list[Problem]:
     if image.shape != label.shape:
         problems.append(Problem(case.name, str(case.label),
                                 f"label shape {label.shape} differs from image shape {image.shape}", ERROR))
-    if not np.allclose(image.affine, label.affine, rtol=1e-5, atol=1e-4):
+    if not np.allclose(image.affine, label.affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL_MM):
         problems.append(Problem(case.name, str(case.label),
                                 f"label affine differs from image affine (largest difference "
                                 f"{_max_difference(image.affine, label.affine):.4g} mm)", ERROR))
