@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -216,6 +218,81 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # Seed of weights initialisation and patch sampling.
     seed: int = 0
+
+
+# --- Ranges of numeric values ---------------------------------------------------
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _at_least(minimum: float) -> Callable[[Any], bool]:
+    return lambda value: _number(value) and value >= minimum
+
+
+def _above(minimum: float) -> Callable[[Any], bool]:
+    return lambda value: _number(value) and value > minimum
+
+
+def _sizes(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(_at_least(1)(size) for size in value)
+
+
+# Key, test of its value, and the valid range as the error message states it. A value
+# outside these ranges crashes training or silently trains nothing (a zero learning rate,
+# NaN losses of an empty batch, a division by max_steps). Cross-key rules follow below.
+VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("data.num_folds", _at_least(2), "a whole number of 2 or more"),
+    ("data.fold", _at_least(0), "a whole number from 0 to data.num_folds - 1"),
+    ("data.patch_size", _sizes, "three whole numbers of 1 or more, (z, y, x) in voxels"),
+    ("data.batch_size", _at_least(1), "a whole number of 1 or more"),
+    ("data.cache_jobs", _at_least(1), "a whole number of 1 or more"),
+    ("data.demo_cases", _at_least(0), "a whole number of 0 or more"),
+    ("data.hu_min", _number, "a finite number of HU below data.hu_max"),
+    ("data.hu_max", _number, "a finite number of HU above data.hu_min"),
+    ("data.class_ratios", lambda value: isinstance(value, list) and len(value) == 4
+     and all(_at_least(0)(ratio) for ratio in value) and sum(value) > 0,
+     "four weights of 0 or more (background, kidney, tumor, cyst), not all 0"),
+    ("model.dropout", lambda value: _at_least(0)(value) and value < 1, "a fraction from 0 to below 1"),
+    ("optim.lr", _above(0), "a finite number above 0, e.g. 3e-4"),
+    ("optim.weight_decay", _at_least(0), "a finite number of 0 or more"),
+    ("trainer.max_steps", _at_least(1), "a whole number of 1 or more"),
+    ("trainer.val_every_steps", _at_least(1), "a whole number of 1 or more"),
+    ("trainer.checkpoint_every_steps", _at_least(1), "a whole number of 1 or more"),
+    ("trainer.checkpoint_every_min", _at_least(0), "a finite number of minutes, 0 or more (0 turns it off)"),
+    ("trainer.log_every_steps", _at_least(1), "a whole number of 1 or more"),
+    ("trainer.devices", _at_least(1), "a whole number of 1 or more"),
+    ("trainer.num_threads", _at_least(0), "a whole number of 0 or more (0 keeps torch's default)"),
+    ("trainer.sw_roi_size", lambda value: value is None or _sizes(value),
+     "null or three whole numbers of 1 or more, (z, y, x) in voxels"),
+    ("trainer.sw_overlap", lambda value: _at_least(0)(value) and value < 1, "a fraction from 0 to below 1"),
+    ("trainer.sw_batch_size", _at_least(1), "a whole number of 1 or more"),
+    ("tracking.image_cases", _at_least(0), "a whole number of 0 or more"),
+    ("tracking.init_retry_delay_s", _at_least(0), "a finite number of seconds, 0 or more"),
+    ("tracking.init_timeout_s", _above(0), "a finite number of seconds above 0"),
+)
+
+
+def invalid_values(config: Config) -> list[str]:
+    """Return one message per numeric value of ``config`` outside its valid range.
+
+    Each message names the key, the value and the valid range, e.g.
+    ``optim.lr=nan is invalid; use a finite number above 0, e.g. 3e-4``.
+    """
+    messages = []
+    for key, is_valid, valid_range in VALUE_RULES:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if not is_valid(value):
+            messages.append(f"{key}={value} is invalid; use {valid_range}")
+    data = config.data
+    if not messages and data.fold >= data.num_folds:
+        messages.append(f"data.fold={data.fold} is invalid; use 0 to {data.num_folds - 1} "
+                        f"(data.num_folds={data.num_folds})")
+    if not messages and data.hu_min >= data.hu_max:
+        messages.append(f"data.hu_min={data.hu_min} is invalid; use a value below data.hu_max={data.hu_max}")
+    return messages
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

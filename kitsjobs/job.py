@@ -98,7 +98,9 @@ DATASET_MEMORY_FRACTION = 0.8
 def load_volumes(cases: list[Case], config: Config, desc: str) -> list[Volume]:
     """Preprocess the given cases into memory, as the cache would store them."""
     settings = PreprocessSettings.from_data_config(config.data)
-    return [prepare_volume(case, settings) for case in tqdm(cases, desc=desc, unit="case", leave=False)]
+    # Closed on an error too, so that the error message does not land on the bar's line.
+    with tqdm(cases, desc=desc, unit="case", leave=False) as progress:
+        return [prepare_volume(case, settings) for case in progress]
 
 
 def slurm_memory_grant_bytes(environ: Mapping[str, str] = os.environ) -> int | None:
@@ -306,16 +308,17 @@ def predict_and_score(trainer: Trainer, cases: list[Case], run_dir: Path) -> dic
     sw = trainer.config.trainer
 
     per_case: dict[str, dict[str, float]] = {}
-    for case in tqdm(cases, desc="predict", unit="case"):
-        labels = predict_file(
-            trainer.model, case.image, settings, sw.sw_roi_size or trainer.config.data.patch_size,
-            sw.sw_overlap, sw.sw_batch_size, trainer.device, amp=trainer.use_amp,
-        )
-        image_file = read_nifti(case.image)
-        save_labels(prediction_dir / f"{case.name}.nii.gz", labels, image_file)
-        reference = np.asarray(read_nifti(case.label).dataobj).astype(np.uint8)  # type: ignore[arg-type]
-        spacing = tuple(float(z) for z in image_file.header.get_zooms()[:3])
-        per_case[case.name] = compute_case_metrics(labels, reference, spacing)
+    with tqdm(cases, desc="predict", unit="case") as progress:
+        for case in progress:
+            labels = predict_file(
+                trainer.model, case.image, settings, sw.sw_roi_size or trainer.config.data.patch_size,
+                sw.sw_overlap, sw.sw_batch_size, trainer.device, amp=trainer.use_amp,
+            )
+            image_file = read_nifti(case.image)
+            save_labels(prediction_dir / f"{case.name}.nii.gz", labels, image_file)
+            reference = np.asarray(read_nifti(case.label).dataobj).astype(np.uint8)  # type: ignore[arg-type]
+            spacing = tuple(float(z) for z in image_file.header.get_zooms()[:3])
+            per_case[case.name] = compute_case_metrics(labels, reference, spacing)
 
     mean = {column: float(np.mean([m[column] for m in per_case.values()])) for column in METRIC_COLUMNS}
     return {"checkpoint": str(checkpoint) if checkpoint else None, "cases": per_case, "mean": mean}

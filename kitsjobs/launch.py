@@ -20,13 +20,14 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from kitsjobs.config import Config
-from kitsjobs.configstore import register_configs
+from kitsjobs.config import Config, invalid_values
+from kitsjobs.configstore import UNIQUE_DIR_RESOLVER, register_configs
 from kitsjobs.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,9 @@ def resolve_config(cfg: DictConfig) -> Config:
     """Resolve every interpolation now and return the typed, Hydra-free config.
 
     Raises:
-        UserError: if a mandatory value such as ``data.root`` is missing or an
-            interpolation cannot be resolved.
+        UserError: if a mandatory value such as ``data.root`` is missing, an
+            interpolation cannot be resolved, or a number is outside its valid range
+            (kitsjobs.config.VALUE_RULES).
     """
     reject_unknown_keys(cfg)
     try:
@@ -63,6 +65,9 @@ def resolve_config(cfg: DictConfig) -> Config:
     if config.model.spacing_mm is None and config.data.spacing_mm is not None:
         # Unless model.spacing_mm is set, the dynunet planner uses the spacing the cases are resampled to.
         config.model.spacing_mm = list(config.data.spacing_mm)
+    problems = invalid_values(config)
+    if problems:
+        raise UserError(problems[0])
     return config
 
 
@@ -101,6 +106,7 @@ def remove_untouched_run_dir(run_dir: Path) -> None:
     run) is left as it is.
     """
     hydra_files = {".hydra", "launch.log", "config.yaml"}
+    run_dir = run_dir.absolute()
     if not run_dir.is_dir() or {path.name for path in run_dir.iterdir()} - hydra_files:
         return
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -108,6 +114,95 @@ def remove_untouched_run_dir(run_dir: Path) -> None:
         if parent == Path.cwd() or not parent.is_dir() or any(parent.iterdir()):
             break
         parent.rmdir()
+
+
+def reject_folder_inside_dataset(config: Config, folder: Path, key: str) -> None:
+    """Reject an output folder that is data.root or inside it (symbolic links resolved).
+
+    Raises:
+        UserError: naming ``key``, both folders and the fix.
+    """
+    if not config.data.root:
+        return
+    root = Path(config.data.root).expanduser().resolve()
+    target = folder.expanduser().resolve()
+    if target == root or root in target.parents:
+        where = "is the dataset folder" if target == root else "is inside the dataset folder"
+        raise UserError(f"{key}={folder} {where} data.root={config.data.root}, which is never written; "
+                        f"pass a {key} outside it")
+
+
+def reject_file_as_folder(folder: Path, key: str) -> None:
+    """Reject an output folder path that names an existing file.
+
+    Raises:
+        UserError: naming ``key`` and the file.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{key}={folder} is a file, not a folder; pass a folder path (new or empty)")
+
+
+def reject_slurm_single_run(config: Config, mode: RunMode | None) -> None:
+    """Reject launcher=slurm without -m: the Slurm launcher submits sweeps only.
+
+    Raises:
+        UserError: launcher.name is slurm and ``mode`` is not MULTIRUN.
+    """
+    if config.launcher.name == "slurm" and mode != RunMode.MULTIRUN:
+        raise UserError("launcher=slurm submits sweeps: add -m (one config is a sweep of one task), "
+                        "or use launcher=local to run here")
+
+
+def check_sweep_task(task_config: DictConfig, sweep_dir: Path, overrides: Sequence[str]) -> None:
+    """Resolve one task of a sweep and check its values and that the sweep folder is outside data.root.
+
+    Raises:
+        UserError: the first problem, prefixed with the task's overrides.
+    """
+    try:
+        config = resolve_config(task_config)
+        reject_folder_inside_dataset(config, sweep_dir, "hydra.sweep.dir")
+    except UserError as error:
+        shown = " ".join(overrides) or "no overrides"
+        raise UserError(f"task [{shown}]: {error}") from None
+
+
+class RunStartChecks(Callback):
+    """Hydra callback that checks a single run's config and folder before Hydra writes into it.
+
+    Hydra calls ``on_run_start`` after composing the config and before it creates the
+    run folder, its .hydra/ files and launch.log, so a rejected run leaves an existing
+    folder untouched. ``run_cli`` adds it to the command line as RUN_CHECKS_OVERRIDE.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """End a run that main() would reject with one line and exit status 2, before Hydra writes.
+
+        Raises:
+            SystemExit: status 2, after printing the UserError's message.
+        """
+        raw_dir = str(OmegaConf.to_container(config.hydra.run, resolve=False)["dir"])  # type: ignore[index]
+        # The default folder is created when the value is resolved, so it is removed again on rejection.
+        created_here = UNIQUE_DIR_RESOLVER in raw_dir
+        HydraConfig.instance().set_config(config)
+        run_dir = Path(str(config.hydra.run.dir))
+        try:
+            reject_file_as_folder(run_dir, "hydra.run.dir")
+            resolved = resolve_config(config)
+            reject_slurm_single_run(resolved, RunMode.RUN)
+            reject_folder_inside_dataset(resolved, run_dir, "hydra.run.dir")
+            from kitsjobs.job import check_run_folder
+
+            check_run_folder(resolved, run_dir.absolute())
+        except UserError as error:
+            if created_here:
+                remove_untouched_run_dir(run_dir)
+            # Hydra 1.3 turns an Exception raised by a callback into a warning and goes on,
+            # so the rejection ends the command here; SystemExit passes through Hydra.
+            sys.exit(_report(str(error)))
+
+
+RUN_CHECKS_OVERRIDE = "+hydra.callbacks.kitsjobs_run_checks._target_=kitsjobs.launch.RunStartChecks"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -121,9 +216,7 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_config.runtime.output_dir)
     try:
         config = resolve_config(cfg)
-        if config.launcher.name == "slurm" and hydra_config.mode != RunMode.MULTIRUN:
-            raise UserError("launcher=slurm submits sweeps: add -m (one config is a sweep of one task), "
-                            "or use launcher=local to run here")
+        reject_slurm_single_run(config, hydra_config.mode)
 
         from kitsjobs.job import run_task
 
@@ -133,7 +226,9 @@ def main(cfg: DictConfig) -> float | None:
             raise
         # The console shows the one-line message below; the run's log file keeps it too.
         logger.debug("rejected: %s", error)
-        remove_untouched_run_dir(run_dir)
+        # A folder given with hydra.run.dir is put back by run_cli's RunFolderSnapshot instead.
+        if UNIQUE_DIR_RESOLVER in str(OmegaConf.to_container(hydra_config.run, resolve=False)["dir"]):
+            remove_untouched_run_dir(run_dir)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 
@@ -207,12 +302,14 @@ def run_cli(entry: Callable[[], Any], argv: Sequence[str]) -> None:
         reject_existing_sweep_dir(argv)
         entry()
     except SystemExit as exit_request:
-        # A rejected run (status 2) leaves an existing run folder as it found it, although
-        # Hydra rewrote its .hydra/ files and appended to its log before the task started.
+        # A rejected run (status 2) leaves the run folder as it found it, although Hydra
+        # wrote its .hydra/ files and log, and the task its first files, before the rejection.
         if exit_request.code == 2 and snapshot is not None:
             snapshot.restore()
         raise
     except (HydraException, OmegaConfBaseException, UserError) as error:
+        if snapshot is not None:
+            snapshot.restore()
         sys.exit(_report(describe_config_error(error)))
     except OSError as error:
         if error.errno not in DISK_ERRNOS:
@@ -229,14 +326,31 @@ RUN_LOG_FILE = "launch.log"
 
 @dataclasses.dataclass
 class RunFolderSnapshot:
-    """The .hydra/ files and log length of an existing run folder, to put back after a rejection."""
+    """The state of the folder named by hydra.run.dir before the command, to put back after a rejection.
+
+    A rejection found after Hydra started the run (a dataset error, say) leaves .hydra/,
+    launch.log and the task's first files behind; ``restore`` removes what this command
+    added and writes back what it changed.
+    """
 
     folder: Path
+    existed: bool
+    entries: frozenset[str]
     hydra_files: dict[str, bytes]
     log_size: int | None
 
     def restore(self) -> None:
-        """Write the saved .hydra/ files back and cut the log to its former length."""
+        """Remove the run-start files this command added, restore .hydra/ and cut the log back."""
+        if not self.folder.is_dir():
+            if self.existed:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            return
+        for name in RUN_START_FILES - self.entries:
+            path = self.folder / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
         hydra_dir = self.folder / ".hydra"
         for name, content in self.hydra_files.items():
             (hydra_dir / name).write_bytes(content)
@@ -244,10 +358,16 @@ class RunFolderSnapshot:
         if self.log_size is not None and log.exists():
             with log.open("r+b") as file:
                 file.truncate(self.log_size)
+        if not self.existed:
+            remove_untouched_run_dir(self.folder)
+
+
+# What Hydra writes into a run folder before the task starts, and the task's first files.
+RUN_START_FILES = frozenset({".hydra", RUN_LOG_FILE, "config.yaml", "split.json", "logs"})
 
 
 def snapshot_run_folder(argv: Sequence[str]) -> RunFolderSnapshot | None:
-    """Save the .hydra/ files of the folder named by hydra.run.dir, when it exists."""
+    """Save the state of the folder named by hydra.run.dir: its entries, .hydra/ files and log size."""
     if "-m" in argv or "--multirun" in argv:
         return None
     for argument in argv:
@@ -255,12 +375,15 @@ def snapshot_run_folder(argv: Sequence[str]) -> RunFolderSnapshot | None:
         if match is None or "${" in match.group(1):
             continue
         folder = Path(match.group(1)).expanduser()
+        if not folder.is_dir():
+            return RunFolderSnapshot(folder, False, frozenset(), {}, None)
         hydra_dir = folder / ".hydra"
-        if not hydra_dir.is_dir():
-            return None
-        files = {path.name: path.read_bytes() for path in hydra_dir.iterdir() if path.is_file()}
+        files = {}
+        if hydra_dir.is_dir():
+            files = {path.name: path.read_bytes() for path in hydra_dir.iterdir() if path.is_file()}
         log = folder / RUN_LOG_FILE
-        return RunFolderSnapshot(folder, files, log.stat().st_size if log.exists() else None)
+        entries = frozenset(path.name for path in folder.iterdir())
+        return RunFolderSnapshot(folder, True, entries, files, log.stat().st_size if log.exists() else None)
     return None
 
 
@@ -275,7 +398,7 @@ def reject_existing_sweep_dir(argv: Sequence[str]) -> None:
     Runs before Hydra, which would otherwise overwrite the folder's multirun.yaml.
 
     Raises:
-        UserError: the folder exists and contains files.
+        UserError: the folder exists and contains files, or is a file.
     """
     if "-m" not in argv and "--multirun" not in argv:
         return
@@ -284,6 +407,7 @@ def reject_existing_sweep_dir(argv: Sequence[str]) -> None:
         if match is None or "${" in match.group(1):
             continue
         folder = Path(match.group(1)).expanduser()
+        reject_file_as_folder(folder, "hydra.sweep.dir")
         if folder.is_dir() and any(folder.iterdir()):
             raise UserError(f"sweep folder {folder} already exists and is not empty; pass a new "
                             "hydra.sweep.dir, or leave it out for a new dated folder")
@@ -333,4 +457,6 @@ if __name__ == "__main__":
         print(format_help())
         sys.exit(0)
     sys.argv[1:] = translate_flags(sys.argv[1:])
+    if "-m" not in sys.argv[1:] and "--multirun" not in sys.argv[1:]:
+        sys.argv.append(RUN_CHECKS_OVERRIDE)
     run_cli(main, sys.argv[1:])

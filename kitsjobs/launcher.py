@@ -177,14 +177,51 @@ class ComposingSweeper(BasicSweeper):
 
     Hydra's own check composes every task from scratch before the launcher
     composes it again; this one composes each distinct set of group choices once.
+    It also resolves every task's config and checks its values and its folder
+    (kitsjobs.launch.check_sweep_task), so that one bad task rejects the whole sweep
+    before any task runs or is submitted.
     """
+
+    sweep_dir_created = False
+
+    def sweep(self, arguments: list[str]) -> Any:
+        assert self.config is not None, "setup() runs first"
+        raw_sweep = OmegaConf.to_container(self.config.hydra.sweep, resolve=False)
+        assert isinstance(raw_sweep, dict)
+        from kitsjobs.configstore import UNIQUE_DIR_RESOLVER
+
+        # Resolving the default folder creates it, so it counts as created by this command.
+        self.sweep_dir_created = (UNIQUE_DIR_RESOLVER in str(raw_sweep["dir"])
+                                  or not Path(str(self.config.hydra.sweep.dir)).exists())
+        return super().sweep(arguments)
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         composer = getattr(self.launcher, "composer", None)
         if composer is None:
             super().validate_batch_is_legal(batch)
             return
+        from kitsjobs.errors import UserError
+        from kitsjobs.launch import check_sweep_task
+
+        assert self.config is not None, "setup() runs first"
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
         # Hydra's BasicSweeper numbers the tasks of its single batch from 0. Only the
         # composing matters here, so the working copies of compose_transient do.
-        for offset, overrides in enumerate(batch):
-            composer.compose_transient(overrides, offset)
+        try:
+            for offset, overrides in enumerate(batch):
+                check_sweep_task(composer.compose_transient(overrides, offset), sweep_dir, overrides)
+        except UserError:
+            remove_rejected_sweep_dir(sweep_dir, self.sweep_dir_created)
+            raise
+
+
+def remove_rejected_sweep_dir(sweep_dir: Path, created: bool) -> None:
+    """Remove the multirun.yaml Hydra wrote into a rejected sweep's folder, and the folder if created and empty.
+
+    Empty parent folders of a created folder are removed too, up to the working directory.
+    """
+    from kitsjobs.launch import remove_untouched_run_dir
+
+    (sweep_dir / "multirun.yaml").unlink(missing_ok=True)
+    if created and sweep_dir.is_dir() and not any(sweep_dir.iterdir()):
+        remove_untouched_run_dir(sweep_dir)

@@ -3,7 +3,14 @@
 ``python -m kitsjobs.predict --checkpoint RUN/checkpoints/best.pt [MORE.pt ...] --input DIR --output DIR``
 writes OUTPUT/CASE.nii.gz for every image, on the image's own grid (same shape, affine and
 voxel size). Several checkpoints average their probabilities; ``--tta`` adds mirroring.
-An existing OUTPUT/CASE.nii.gz stops the command before any work unless ``--overwrite`` is given.
+An existing OUTPUT/CASE.nii.gz stops the command before any work unless ``--overwrite`` (replace
+it) or ``--skip-existing`` (keep it and predict only the other cases) is given.
+
+Every input is checked before the first prediction is written: the output folder, each image's
+NIfTI header (readable, 3D) and each checkpoint (readable, no file given twice). An image whose
+header reads but whose voxel data is cut off fails only while it is predicted. The other cases
+are still predicted and written, the command exits with status 2 listing the failed images, and
+``--skip-existing`` then predicts only the cases still missing once the images are fixed.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import nibabel as nib
 import torch
 from tqdm import tqdm
 
@@ -30,6 +38,7 @@ from kitsjobs.errors import UserError
 from kitsjobs.fsutil import check_output_folder, require_input_folder
 from kitsjobs.infer.pipeline import predict_file
 from kitsjobs.models.factory import build_model
+from kitsjobs.submit import sha256_of_file
 from kitsjobs.train.checkpoint import load_checkpoint
 from kitsjobs.train.loop import select_device
 
@@ -43,6 +52,11 @@ PREDICTION_SUFFIX = ".nii.gz"
 # EOFError (empty file), KeyError or UnpicklingError (text, NIfTI or a pickle of other objects),
 # RuntimeError (a damaged or truncated zip archive).
 _UNREADABLE_CHECKPOINT_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, OSError)
+# Errors nib.load raises for a file that is not a readable NIfTI image (nibabel 5): ImageFileError
+# (not an image, or not gzip data behind a .gz name), OSError and EOFError (a header cut short).
+_UNREADABLE_IMAGE_ERRORS = (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError)
+# Flags that only shape the Slurm array job, with the defaults they take under --slurm.
+SLURM_ONLY_DEFAULTS = {"templates_dir": None, "cases_per_task": 1, "gpus_per_task": 1, "dry_run": False}
 
 
 @dataclass
@@ -78,6 +92,9 @@ def read_checkpoint(checkpoint: Path) -> dict[str, Any]:
             lacks the ``model`` or ``config`` entry.
     """
     checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        raise UserError(f"--checkpoint {checkpoint} is a folder, not a checkpoint file; "
+                        f"pass {_checkpoint_in_folder(checkpoint)}")
     if not checkpoint.is_file():
         raise UserError(f"--checkpoint {checkpoint} not found; pass RUN/checkpoints/best.pt of a finished run")
     try:
@@ -112,11 +129,13 @@ def load_ensemble(checkpoints: Sequence[Path], device: torch.device) -> tuple[li
     """Load every checkpoint; return the models and the first one's config.
 
     Raises:
-        UserError: no checkpoint, or checkpoints trained with different preprocessing (their
-            probabilities would not describe the same grid), naming both files.
+        UserError: no checkpoint, the same checkpoint given twice (see
+            :func:`check_distinct_checkpoints`), or checkpoints trained with different
+            preprocessing (their probabilities would not describe the same grid), naming both files.
     """
     if not checkpoints:
         raise UserError("no checkpoint given; pass --checkpoint RUN/checkpoints/best.pt")
+    check_distinct_checkpoints(checkpoints)
     models, configs = [], []
     for path in checkpoints:
         model, config = load_model(Path(path), device)
@@ -131,6 +150,67 @@ def load_ensemble(checkpoints: Sequence[Path], device: torch.device) -> tuple[li
                 f"{checkpoints[0]} with {reference.to_dict()}; ensemble only checkpoints with the same data settings"
             )
     return models, configs[0]
+
+
+def check_distinct_checkpoints(checkpoints: Sequence[Path]) -> None:
+    """Reject a checkpoint given twice, by path (symlinks resolved) or by identical content.
+
+    An ensemble of a model with itself only weights that model twice, so it is a mistake in the
+    command line. Files of equal size are compared by SHA-256; missing files are left to
+    :func:`read_checkpoint` to report.
+
+    Raises:
+        UserError: naming both arguments and the fix.
+    """
+    files = [Path(c) for c in checkpoints if Path(c).is_file()]
+    by_path: dict[Path, Path] = {}
+    for path in files:
+        first = by_path.setdefault(path.resolve(), path)
+        if first is not path:
+            same = f"{path} is given twice" if str(first) == str(path) else f"{first} and {path} are the same file"
+            raise UserError(f"--checkpoint {same}; an ensemble needs different models, so remove one of them")
+    sizes = [path.stat().st_size for path in files]
+    by_digest: dict[str, Path] = {}
+    for path, size in zip(files, sizes):
+        if sizes.count(size) < 2:
+            continue
+        first = by_digest.setdefault(sha256_of_file(path), path)
+        if first is not path:
+            raise UserError(f"--checkpoint {path} has the same content as {first}; "
+                            "an ensemble needs different models, so remove one of them")
+
+
+def check_image_headers(cases: Sequence[Union[Case, tuple[str, Path]]]) -> None:
+    """Read the NIfTI header of every image (no voxel data) and report every bad image at once.
+
+    Raises:
+        UserError: one line per unreadable or non-3D image, then a last line naming the fix.
+    """
+    problems = []
+    # No progress bar: a header read takes milliseconds, and the error must start on its own line.
+    for name, image_path in (_as_case(c) for c in cases):
+        problem = _image_header_problem(image_path)
+        if problem:
+            problems.append(f"  {name}: {problem}")
+    if problems:
+        raise UserError(
+            f"{len(problems)} of the {len(cases)} image(s) cannot be predicted; nothing was written:\n"
+            + "\n".join(problems)
+            + "\nreplace or remove these files in --input, then run the command again"
+        )
+
+
+def _image_header_problem(image_path: Path) -> Optional[str]:
+    """Describe why an image cannot be predicted from its header alone, or return None."""
+    try:
+        image = nib.load(str(image_path))
+    except _UNREADABLE_IMAGE_ERRORS as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"cannot read {image_path} as NIfTI ({reason})"
+    if len(image.shape) != 3:
+        return (f"{image_path} has shape {tuple(image.shape)}, but predict needs a 3D CT volume (z, y, x); "
+                "save it as a 3D NIfTI image or remove it")
+    return None
 
 
 def _as_case(case: Union[Case, tuple[str, Path]]) -> tuple[str, Path]:
@@ -161,9 +241,13 @@ def predict_cases(
         The written prediction files, in case order.
 
     Raises:
-        UserError: bad checkpoint, unreadable image or invalid option.
+        UserError: bad checkpoint, invalid option or an unreadable or non-3D image header, all
+            before anything is written. An image whose voxel data cannot be read fails only
+            while it is predicted: the other cases are still written, and then the error lists
+            the failed images and how to predict only the missing cases.
     """
     options = options or PredictOptions()
+    check_image_headers(cases)
     device = _select_device(options.device)
     models, config = load_ensemble([Path(c) for c in checkpoints], device)
     settings = PreprocessSettings.from_data_config(config.data)
@@ -177,16 +261,28 @@ def predict_cases(
     logger.info("predicting %d case(s) with %d model(s) on %s, windows %s, overlap %.2f%s",
                 len(cases), len(models), device, roi_size, overlap, ", mirror TTA" if options.tta else "")
 
-    written = []
+    written, failures = [], []
     for name, image_path in tqdm([_as_case(c) for c in cases], desc="predict", unit="case"):
-        labels = predict_file(
-            models, image_path, settings, roi_size, overlap, sw_batch_size, device,
-            amp=options.amp, mirror_axes=TTA_AXES if options.tta else (),
-        )
+        try:
+            labels = predict_file(
+                models, image_path, settings, roi_size, overlap, sw_batch_size, device,
+                amp=options.amp, mirror_axes=TTA_AXES if options.tta else (),
+            )
+        except UserError as error:
+            logger.error("%s: %s", name, error)
+            failures.append(f"  {name}: {error}")
+            continue
         target = output_dir / f"{name}{PREDICTION_SUFFIX}"
         save_labels(target, labels, read_nifti(image_path))
         logger.info("wrote %s", target)
         written.append(target)
+    if failures:
+        raise UserError(
+            f"{len(failures)} of the {len(cases)} image(s) failed while being predicted; "
+            f"the other {len(written)} prediction(s) were written to {output_dir}:\n" + "\n".join(failures)
+            + "\nfix these images, then run the same command with --skip-existing (and without --overwrite) "
+            "to predict only the cases missing from the output folder"
+        )
     return written
 
 
@@ -196,6 +292,7 @@ def predict_folder(
     output_dir: Path,
     options: Optional[PredictOptions] = None,
     overwrite: bool = False,
+    skip_existing: bool = False,
 ) -> list[Path]:
     """Predict every image found in ``input_dir`` (KiTS23, flat or plain files) into ``output_dir``.
 
@@ -207,6 +304,8 @@ def predict_folder(
         output_dir: folder for ``CASE.nii.gz`` predictions; created if missing, but its parent must exist.
         options: inference settings; None uses the checkpoint's.
         overwrite: replace predictions that already exist in ``output_dir``.
+        skip_existing: keep predictions that already exist in ``output_dir`` and predict only
+            the other images (exclusive with ``overwrite``).
 
     Returns:
         The written prediction files, in case order.
@@ -215,26 +314,41 @@ def predict_folder(
         UserError: bad checkpoint or input folder, an output folder inside the input, or
             existing predictions without ``overwrite``.
     """
-    images = find_prediction_targets(input_dir, output_dir, overwrite)
+    images = find_prediction_targets(input_dir, output_dir, overwrite, skip_existing)
+    if not images:
+        logger.info("every image of %s already has a prediction in %s; nothing to predict", input_dir, output_dir)
+        return []
     return predict_cases(checkpoints, images, output_dir, options)
 
 
-def find_prediction_targets(input_dir: Path, output_dir: Path, overwrite: bool = False) -> list[tuple[str, Path]]:
+def find_prediction_targets(input_dir: Path, output_dir: Path, overwrite: bool = False,
+                            skip_existing: bool = False) -> list[tuple[str, Path]]:
     """List the images of ``input_dir`` after checking that their predictions may go to ``output_dir``.
 
     ``output_dir`` must lie outside ``input_dir`` and be a folder or a missing path whose parent
-    exists. Without ``overwrite``, no ``CASE.nii.gz`` of these images may exist in it yet.
+    exists. Without ``overwrite`` or ``skip_existing``, no ``CASE.nii.gz`` of these images may
+    exist in it yet. With ``skip_existing``, images whose ``CASE.nii.gz`` exists are left out.
 
     Returns:
-        (case name, image path) of every image, as :func:`kitsjobs.data.layouts.find_images` finds them.
+        (case name, image path) of every image to predict, in the order
+        :func:`kitsjobs.data.layouts.find_images` finds them.
 
     Raises:
-        UserError: naming the flag (``--input`` or ``--output``), the path and the fix.
+        UserError: naming the flag (``--input`` or ``--output``), the path and the fix, or
+            ``overwrite`` and ``skip_existing`` both set.
     """
+    if overwrite and skip_existing:
+        raise UserError("--overwrite and --skip-existing exclude each other; keep only one of them")
     require_input_folder(input_dir, "--input", "CT images (KiTS23 case folders, volume/ or NAME.nii.gz files)")
     images = find_images(input_dir)
     names = [f"{name}{PREDICTION_SUFFIX}" for name, _ in images]
-    check_output_folder(output_dir, "--output", [("--input", Path(input_dir))], names, overwrite)
+    check_output_folder(output_dir, "--output", [("--input", Path(input_dir))], names, overwrite or skip_existing)
+    if skip_existing:
+        output_dir = Path(output_dir).expanduser()
+        missing = [(name, image) for name, image in images if not (output_dir / f"{name}{PREDICTION_SUFFIX}").exists()]
+        logger.info("--skip-existing: %d of %d image(s) already have a prediction in %s",
+                    len(images) - len(missing), len(images), output_dir)
+        return missing
     return images
 
 
@@ -253,19 +367,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-amp", action="store_true", help="run in float32 on CUDA")
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                         help="where to run the network; auto takes CUDA when visible, else the CPU")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace predictions that already exist in --output (other files there are kept)")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace predictions that already exist in --output (other files there are kept)")
+    existing.add_argument("--skip-existing", action="store_true",
+                          help="keep predictions that already exist in --output and predict only the other images")
     slurm = parser.add_argument_group("Slurm", "submit the cases as one array job instead of predicting here")
     slurm.add_argument("--slurm", metavar="TEMPLATE", default=None,
                        help="admin template name (TEMPLATES_DIR/TEMPLATE.yaml), e.g. ippmed-a40")
-    slurm.add_argument("--templates-dir", type=Path,
-                       default=Path(os.environ.get("KITSJOBS_SLURM_TEMPLATES", "slurm_templates")),
+    # The Slurm-only flags default to None, so that main can tell whether they were given.
+    slurm.add_argument("--templates-dir", type=Path, default=None,
                        help="folder of the admin templates (default: $KITSJOBS_SLURM_TEMPLATES, else slurm_templates)")
-    slurm.add_argument("--cases-per-task", type=positive_int, default=1, help="cases one array task predicts")
-    slurm.add_argument("--gpus-per-task", type=non_negative_int, default=1,
+    slurm.add_argument("--cases-per-task", type=positive_int, default=None,
+                       help="cases one array task predicts (default 1)")
+    slurm.add_argument("--gpus-per-task", type=non_negative_int, default=None,
                        help="GPUs each array task requests, 0 for a CPU-only task (default 1)")
-    slurm.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
+    slurm.add_argument("--dry-run", action="store_const", const=True, default=None,
+                       help="print the sbatch script and submit nothing")
     return parser.parse_args(argv)
+
+
+def check_slurm_only_flags(args: argparse.Namespace) -> None:
+    """Reject Slurm-only flags without ``--slurm``, then fill in their defaults.
+
+    Raises:
+        UserError: naming every Slurm-only flag given without ``--slurm`` and the fix.
+    """
+    given = [f"--{key.replace('_', '-')}" for key in SLURM_ONLY_DEFAULTS if getattr(args, key) is not None]
+    if given and not args.slurm:
+        raise UserError(
+            f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to a Slurm array job; "
+            "add --slurm TEMPLATE (a template name "
+            f"from --templates-dir) or drop {', '.join(given)} to predict on this machine"
+        )
+    for key, default in SLURM_ONLY_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    if args.templates_dir is None:
+        args.templates_dir = Path(os.environ.get("KITSJOBS_SLURM_TEMPLATES", "slurm_templates"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,9 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     options = PredictOptions(overlap=args.overlap, sw_batch_size=args.sw_batch_size, tta=args.tta,
                              amp=not args.no_amp, device=args.device)
     try:
+        check_slurm_only_flags(args)
         if args.slurm:
             return _submit_to_slurm(args, options)
-        written = predict_folder(args.checkpoint, args.input, args.output, options, overwrite=args.overwrite)
+        written = predict_folder(args.checkpoint, args.input, args.output, options, overwrite=args.overwrite,
+                                 skip_existing=args.skip_existing)
     except (UserError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -290,13 +431,18 @@ def _submit_to_slurm(args: argparse.Namespace, options: PredictOptions) -> int:
     from kitsjobs.slurm.cluster import SlurmCommandError
     from kitsjobs.slurm.predict_array import PredictionArray, submit_prediction_array
 
-    # A file that is not a checkpoint fails here, once, instead of in every array task.
-    for checkpoint in args.checkpoint:
-        read_checkpoint(checkpoint)
     # Existing predictions are checked here, once, because the array tasks replace them: a
     # requeued task must be able to rewrite the cases it wrote before it was preempted.
-    images = find_prediction_targets(args.input, args.output, args.overwrite)
+    images = find_prediction_targets(args.input, args.output, args.overwrite, args.skip_existing)
+    # Bad images and checkpoints fail here, once, instead of in every array task.
+    check_image_headers(images)
+    check_distinct_checkpoints(args.checkpoint)
+    for checkpoint in args.checkpoint:
+        read_checkpoint(checkpoint)
     output_dir = Path(args.output).resolve()
+    if not images:
+        print(f"nothing to submit: every image of {args.input} already has a prediction in {output_dir}")
+        return 0
     array = PredictionArray(args.slurm, args.templates_dir, args.cases_per_task, args.gpus_per_task)
     try:
         result = submit_prediction_array(args.checkpoint, images, output_dir, options, array, dry_run=args.dry_run)
@@ -329,8 +475,27 @@ def _describe_load_error(error: BaseException) -> str:
         return "the file is empty or truncated"
     if isinstance(error, (pickle.UnpicklingError, KeyError)):
         return "not a PyTorch file, or it holds objects other than tensors and plain values"
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return first_line[:160]
+    text = " ".join(str(error).split())
+    if not text:
+        return type(error).__name__
+    # torch's messages run to several sentences of advice; the first one names the failure.
+    first_sentence = text.split(". ", 1)[0].rstrip(".")
+    if isinstance(error, RuntimeError):
+        return f"the file is truncated or damaged: {first_sentence}"
+    if isinstance(error, PermissionError):
+        return "permission denied; check the file's read permission"
+    if isinstance(error, OSError):
+        # torch 2.13 reports a zip archive cut off after its first entries as EINVAL.
+        return f"the file is truncated or damaged: {error.strerror or first_sentence}"
+    return first_sentence
+
+
+def _checkpoint_in_folder(folder: Path) -> str:
+    """Suggest the checkpoint file to pass for a run or checkpoints folder given as --checkpoint."""
+    for candidate in (folder / "checkpoints" / "best.pt", folder / "best.pt"):
+        if candidate.is_file():
+            return f"the file inside it, e.g. --checkpoint {candidate}"
+    return "a checkpoint file such as RUN/checkpoints/best.pt of a finished training run"
 
 
 if __name__ == "__main__":

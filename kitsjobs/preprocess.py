@@ -19,16 +19,11 @@ from pathlib import Path
 from kitsjobs.cli import finite_float, positive_float, positive_int
 from kitsjobs.config import DataConfig
 from kitsjobs.data.cache import IMAGE_DTYPES, PreprocessSettings, check_output_outside_input, preprocess_cases
-from kitsjobs.data.layouts import LAYOUTS, Case, find_cases
+from kitsjobs.data.layouts import LAYOUTS, Case, find_cases, no_cases_message
 from kitsjobs.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# Image and label paths of each layout, named in the message about a wrong --layout.
-LAYOUT_FILES = {
-    "kits23": "ROOT/CASE/imaging.nii.gz",
-    "flat": "ROOT/volume/NAME.nii.gz and ROOT/seg/NAME.nii.gz",
-}
 # Exit status after Ctrl-C, as shells report a process ended by SIGINT (128 + 2).
 INTERRUPTED_EXIT_STATUS = 130
 
@@ -80,20 +75,8 @@ def find_input_cases(root: Path, layout: str) -> list[Case]:
     try:
         find_cases(root, layout, require_labels=False)
     except UserError:
-        raise UserError(_no_cases_message(root, layout)) from None
+        raise UserError(no_cases_message(root, layout, root_option="--input")) from None
     return find_cases(root, layout)
-
-
-def _no_cases_message(root: Path, layout: str) -> str:
-    other = next(name for name in LAYOUTS if name != layout)
-    try:
-        other_count = len(find_cases(root, other, require_labels=False))
-    except UserError:
-        other_count = 0
-    message = f"no cases found in --input {root} for --layout {layout} (expected {LAYOUT_FILES[layout]})"
-    if other_count:
-        return f"{message}, but {other_count} in the {other} layout ({LAYOUT_FILES[other]}); pass --layout {other}"
-    return f"{message} nor for --layout {other} ({LAYOUT_FILES[other]}); pass a dataset folder in one of them"
 
 
 def run(args: argparse.Namespace) -> dict[str, str]:

@@ -329,3 +329,119 @@ def test_malformed_slurm_memory_is_ignored(caplog: pytest.LogCaptureFixture) -> 
 def test_size_below_one_gib_in_mib() -> None:
     assert format_size(20 * 2**20) == "20 MiB"
     assert format_size(2.5 * 2**30) == "2.5 GiB"
+
+
+# --- numbers out of range, run folders in the wrong place ------------------------
+
+
+def folder_state(root: Path) -> tuple[list[str], dict[str, tuple[str, int, int]]]:
+    """Return every path under ``root`` (folders included) and the digest of its files."""
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*")), tree_digest(root)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("optim.lr=nan", "optim.lr"),
+        ("optim.lr=-1", "optim.lr"),
+        ("optim.lr=0", "optim.lr"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay"),
+        ("trainer.max_steps=0", "trainer.max_steps"),
+        ("trainer.max_steps=-3", "trainer.max_steps"),
+        ("trainer.val_every_steps=0", "trainer.val_every_steps"),
+        ("trainer.checkpoint_every_steps=0", "trainer.checkpoint_every_steps"),
+        ("trainer.sw_overlap=1.0", "trainer.sw_overlap"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.num_folds=1", "data.num_folds"),
+        ("data.fold=2", "data.fold"),
+        ("data.patch_size=[0,32,32]", "data.patch_size"),
+        ("data.class_ratios=[0,0,0,0]", "data.class_ratios"),
+    ],
+)
+def test_out_of_range_number_is_one_line(override: str, key: str, tmp_path: Path, phantom: Path) -> None:
+    result = launch([*SMOKE, f"data.root={phantom}", override, "hydra.run.dir=run"], tmp_path)
+    line = assert_one_line_error(result, key, "is invalid; use")
+    assert line.startswith(f"error: {key}=")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("backend", [["launcher=local"], ["launcher=slurm", "slurm=debug", "--dry-run"]])
+def test_sweep_with_bad_task_runs_nothing(backend: list[str], tmp_path: Path, phantom: Path) -> None:
+    result = launch(["-m", *SMOKE, f"data.root={phantom}", "optim.lr=1e-3,-1", *backend,
+                     "hydra.sweep.dir=sweep"], tmp_path)
+    assert_one_line_error(result, "optim.lr=-1", "is invalid")
+    assert "#SBATCH" not in result.stdout
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.fixture
+def own_dataset(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    write_demo_dataset(root, n_cases=2, shape=(16, 32, 32), progress=False)
+    return root
+
+
+@pytest.mark.parametrize("through_link", [False, True])
+def test_run_dir_inside_dataset_is_rejected(through_link: bool, tmp_path: Path, own_dataset: Path) -> None:
+    before = folder_state(own_dataset)
+    named = own_dataset
+    if through_link:
+        named = tmp_path / "link"
+        named.symlink_to(own_dataset)
+    result = launch([*SMOKE, "data=kits23", f"data.root={own_dataset}", f"hydra.run.dir={named / 'run'}"],
+                    tmp_path)
+    assert_one_line_error(result, f"hydra.run.dir={named / 'run'}", f"data.root={own_dataset}",
+                          "pass a hydra.run.dir outside it")
+    assert folder_state(own_dataset) == before
+
+
+def test_sweep_dir_inside_dataset_is_rejected(tmp_path: Path, own_dataset: Path) -> None:
+    before = folder_state(own_dataset)
+    result = launch(["-m", *SMOKE, "data=kits23", f"data.root={own_dataset}", "seed=0,1",
+                     f"hydra.sweep.dir={own_dataset / 'sweep'}"], tmp_path)
+    assert_one_line_error(result, f"hydra.sweep.dir={own_dataset / 'sweep'}", "pass a hydra.sweep.dir outside it")
+    assert folder_state(own_dataset) == before
+
+
+def test_demo_dir_counts_as_dataset(tmp_path: Path) -> None:
+    demo = tmp_path / "no-demo"  # the KITSJOBS_DEMO_DIR that launch() sets
+    result = launch([*SMOKE, f"hydra.run.dir={demo / 'run'}"], tmp_path)
+    assert_one_line_error(result, f"hydra.run.dir={demo / 'run'}", "inside the dataset folder")
+    assert not demo.exists()
+
+
+def test_rejected_folder_is_byte_identical(tmp_path: Path, phantom: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "case_00061.nii.gz").write_bytes(b"an earlier prediction")
+    before = folder_state(run)
+    result = launch([*SMOKE, f"data.root={phantom}", "hydra.run.dir=run"], tmp_path)
+    assert_one_line_error(result, "already contains case_00061.nii.gz")
+    assert folder_state(run) == before
+
+
+def test_late_rejection_restores_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty_data").mkdir()
+    (tmp_path / "run").mkdir()
+    result = launch([*SMOKE, "data=kits23", f"data.root={tmp_path / 'empty_data'}", "hydra.run.dir=run"],
+                    tmp_path)
+    assert_one_line_error(result, "no cases found")
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+@pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_file_as_output_dir_is_rejected(key: str, tmp_path: Path, phantom: Path) -> None:
+    (tmp_path / "afile").write_text("mine")
+    multirun = ["-m"] if key == "hydra.sweep.dir" else []
+    result = launch([*multirun, *SMOKE, f"data.root={phantom}", f"{key}=afile"], tmp_path)
+    assert_one_line_error(result, f"{key}=afile is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_loading_error_starts_its_own_line(tmp_path: Path, own_dataset: Path) -> None:
+    image = own_dataset / "case_00001" / "imaging.nii.gz"
+    image.write_bytes(image.read_bytes()[:2000])  # a truncated gzip stream: the header still reads
+    result = launch([*SMOKE, "data=kits23", f"data.root={own_dataset}", "hydra.run.dir=run"], tmp_path)
+    assert_one_line_error(result, f"cannot read {image}")
+    start = result.stderr.index("error: ")
+    assert start == 0 or result.stderr[start - 1] in "\r\n", repr(result.stderr[max(0, start - 80):start])

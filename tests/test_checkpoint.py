@@ -48,3 +48,16 @@ def test_pickled_object_is_not_loaded(tmp_path: Path) -> None:
     torch.save({"payload": _RunsCode()}, path, pickle_module=pickle)
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(path)
+
+
+def test_plain_pickle_fails_without_warning(tmp_path: Path) -> None:
+    import warnings
+
+    path = tmp_path / "plain.pt"
+    with open(path, "wb") as stream:
+        pickle.dump({"model": {}, "config": {}}, stream)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(pickle.UnpicklingError):
+            load_checkpoint(path)
+    assert [str(warning.message) for warning in caught] == []

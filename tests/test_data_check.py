@@ -14,6 +14,7 @@ import pytest
 from conftest import write_case
 from kitsjobs.data.check import (
     ERROR,
+    NO_CASE_FILES,
     WARNING,
     Problem,
     check_dataset,
@@ -274,3 +275,52 @@ def test_command_clean_and_missing_folder(tmp_path: Path) -> None:
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2
     assert missing.stderr.strip() == f"error: dataset folder {tmp_path / 'nope'} not found; pass an existing folder"
+
+
+def write_flat(root: Path, names: list[str]) -> None:
+    """Write cases in the flat layout: ROOT/volume/NAME.nii.gz and ROOT/seg/NAME.nii.gz."""
+    affine = np.diag([*SPACING_MM, 1.0])
+    for folder in ("volume", "seg"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        nib.save(nib.Nifti1Image(clean_image(), affine), root / "volume" / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(clean_label(), affine), root / "seg" / f"{name}.nii.gz")
+
+
+def test_flat_folder_as_kits23_is_error(tmp_path: Path) -> None:
+    write_flat(tmp_path, ["case_00000", "case_00001"])
+    problems = check_dataset(tmp_path, "kits23")
+    assert len(problems) == 1
+    assert problems[0].severity == ERROR
+    assert problems[0].problem.startswith(f"no cases found in {tmp_path} for --layout kits23")
+    assert problems[0].problem.endswith("but 2 in the flat layout (ROOT/volume/NAME.nii.gz and "
+                                        "ROOT/seg/NAME.nii.gz); pass --layout flat")
+    assert check_dataset(tmp_path, "flat") == []
+
+
+def test_stray_folder_beside_cases_is_warning(tmp_path: Path) -> None:
+    write_clean(tmp_path, "case_00000")
+    (tmp_path / "notes").mkdir()
+    problems = check_dataset(tmp_path, "kits23")
+    assert problems == [Problem("notes", str(tmp_path / "notes"), NO_CASE_FILES, WARNING)]
+
+
+def test_command_wrong_layout_exits_two(tmp_path: Path) -> None:
+    write_flat(tmp_path, ["case_00000", "case_00001"])
+    result = subprocess.run([sys.executable, "-m", "kitsjobs.data.check", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: no cases found in {tmp_path} for --layout kits23")
+    assert lines[0].endswith("; pass --layout flat")
+
+
+def test_command_rejects_file_as_root(tmp_path: Path) -> None:
+    image = write_clean(tmp_path, "case_00000") / "imaging.nii.gz"
+    result = subprocess.run([sys.executable, "-m", "kitsjobs.data.check", str(image)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {image} is a file, not a dataset folder; pass the dataset folder "
+                                     "ROOT (kits23 layout: ROOT/CASE/imaging.nii.gz)")

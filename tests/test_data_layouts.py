@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import write_case
-from kitsjobs.data.layouts import find_cases, find_images
+from kitsjobs.data.layouts import find_cases, find_images, no_cases_message
 from kitsjobs.data.splits import kfold_split
 from kitsjobs.errors import UserError
 
@@ -85,3 +85,19 @@ def test_kfold_split_is_deterministic_and_disjoint() -> None:
 def test_kfold_split_rejects_bad_values(count: int, folds: int, fold: int, message: str) -> None:
     with pytest.raises(UserError, match=message):
         kfold_split([str(i) for i in range(count)], folds, fold, seed=0)
+
+
+def test_no_cases_message_names_other_layout(tmp_path: Path) -> None:
+    write_case(tmp_path, "case_00001", np.zeros((4, 8, 8)), _label())
+    message = no_cases_message(tmp_path, "flat", root_option="--input")
+    assert message == (
+        f"no cases found in --input {tmp_path} for --layout flat (expected ROOT/volume/NAME.nii.gz and "
+        "ROOT/seg/NAME.nii.gz), but 1 in the kits23 layout (ROOT/CASE/imaging.nii.gz); pass --layout kits23"
+    )
+
+
+def test_no_cases_message_in_neither_layout(tmp_path: Path) -> None:
+    message = no_cases_message(tmp_path, "kits23")
+    assert message.startswith(f"no cases found in {tmp_path} for --layout kits23")
+    assert message.endswith("nor for --layout flat (ROOT/volume/NAME.nii.gz and ROOT/seg/NAME.nii.gz); "
+                            "pass a dataset folder in one of them")

@@ -428,3 +428,38 @@ def test_params_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         PhantomParams().kidney_hu = 0.0  # type: ignore[misc]
     assert phantom.LABEL_VALUES == (0, 1, 2, 3)
+
+
+def test_cli_output_without_parent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_labels(tmp_path / "in" / "case_a.nii.gz", np.zeros((4, 8, 8), dtype=np.uint8), (1.0, 1.0, 1.0))
+    output = tmp_path / "nope" / "out"
+    assert main([str(tmp_path / "in"), str(output)]) == 2
+    line = _one_line_error(capsys)
+    assert line.endswith(f"output folder {output}: folder {tmp_path / 'nope'} not found. "
+                         "Create it first or choose another path.")
+    assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize("demo", [False, True])
+def test_cli_output_file_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str], demo: bool) -> None:
+    _write_labels(tmp_path / "in" / "case_a.nii.gz", np.zeros((4, 8, 8), dtype=np.uint8), (1.0, 1.0, 1.0))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    argv = ["--demo", str(a_file), "--n-cases", "1"] if demo else [str(tmp_path / "in"), str(a_file)]
+    assert main(argv) == 2
+    assert _one_line_error(capsys).endswith(f"output folder {a_file} is a file, not a folder. Choose a folder path.")
+    assert a_file.read_text() == "keep"
+
+
+def test_cli_demo_rejects_zero_cases(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--demo", str(tmp_path / "demo"), "--n-cases", "0"]) == 2
+    assert _one_line_error(capsys).endswith("--n-cases 0 is invalid. Pass a number from 1 to 100000.")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_creates_missing_parents(tmp_path: Path) -> None:
+    # The launcher's default demo folder, ~/.cache/kitsjobs/demo, may lack ~/.cache.
+    demo = tmp_path / "home" / ".cache" / "kitsjobs" / "demo"
+    case_dirs = write_demo_dataset(demo, n_cases=1, shape=(16, 32, 32), progress=False)
+    assert case_dirs == [demo / "case_00000"]
+    assert (demo / "case_00000" / "segmentation.nii.gz").is_file()

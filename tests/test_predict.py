@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -74,9 +75,9 @@ def test_cli_flat_layout(tmp_path: Path) -> None:
     (tmp_path / "flat" / "volume").mkdir(parents=True)
     nib.save(nib.Nifti1Image(rng.integers(-1000, 500, (7, 24, 24)).astype(np.int16), np.diag([2.0, 1, 1, 1])),
              tmp_path / "flat" / "volume" / "scan.nii.gz")
-    checkpoint = _checkpoint(tmp_path / "ck", 0)
+    checkpoints = [_checkpoint(tmp_path / "ck0", 0), _checkpoint(tmp_path / "ck1", 1)]
     result = subprocess.run(
-        [sys.executable, "-m", "kitsjobs.predict", "--checkpoint", str(checkpoint), str(checkpoint),
+        [sys.executable, "-m", "kitsjobs.predict", "--checkpoint", *map(str, checkpoints),
          "--input", str(tmp_path / "flat"), "--output", str(tmp_path / "out"), "--overlap", "0.25",
          "--device", "cpu"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -85,38 +86,66 @@ def test_cli_flat_layout(tmp_path: Path) -> None:
     assert nib.load(tmp_path / "out" / "scan.nii.gz").shape == (7, 24, 24)
 
 
-def _fake_checkpoints(folder: Path, dataset: Path) -> dict[str, Path]:
-    """Files named .pt that are not checkpoints: text, a NIfTI image and an empty file."""
+def _fake_checkpoints(folder: Path, dataset: Path, real: Path | None = None) -> dict[str, Path]:
+    """Files named .pt that are not checkpoints: text, a NIfTI image, an empty file, a plain
+    pickle and, given a ``real`` checkpoint, its first and second halves cut off."""
     folder.mkdir(parents=True, exist_ok=True)
     fakes = {"text checkpoint": folder / "text.pt", "nifti checkpoint": folder / "nifti.pt",
-             "empty checkpoint": folder / "empty.pt"}
+             "empty checkpoint": folder / "empty.pt", "pickle checkpoint": folder / "pickle.pt"}
     fakes["text checkpoint"].write_text("model weights go here\n")
     fakes["nifti checkpoint"].write_bytes((dataset / "case_00000" / "imaging.nii.gz").read_bytes())
     fakes["empty checkpoint"].write_bytes(b"")
+    with open(fakes["pickle checkpoint"], "wb") as stream:
+        pickle.dump({"model": {}, "config": {}}, stream)
+    if real is not None:
+        payload = real.read_bytes()
+        fakes["checkpoint cut early"] = folder / "cut_early.pt"
+        fakes["checkpoint cut early"].write_bytes(payload[:200])
+        fakes["checkpoint cut late"] = folder / "cut_late.pt"
+        fakes["checkpoint cut late"].write_bytes(payload[:len(payload) // 2])
     return fakes
 
 
 BAD_INPUT_CASES = ["missing checkpoint", "output inside input", "bad overlap", "output is a file",
-                   "text checkpoint", "nifti checkpoint", "empty checkpoint", "missing input"]
+                   "text checkpoint", "nifti checkpoint", "empty checkpoint", "missing input",
+                   "pickle checkpoint", "checkpoint cut early", "checkpoint cut late", "checkpoint folder",
+                   "same checkpoint twice", "checkpoint copy", "checkpoint symlink"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT_CASES)
 def test_cli_bad_input_is_one_line(case: str, dataset: Path, tmp_path: Path) -> None:
     checkpoint = _checkpoint(tmp_path / "ck", 0)
-    fakes = _fake_checkpoints(tmp_path / "fake", dataset)
+    fakes = _fake_checkpoints(tmp_path / "fake", dataset, real=checkpoint)
     (tmp_path / "file").write_text("not a folder\n")
+    (tmp_path / "copy.pt").write_bytes(checkpoint.read_bytes())
+    (tmp_path / "link.pt").symlink_to(checkpoint)
     args = {"missing checkpoint": ["--checkpoint", str(tmp_path / "nope.pt"), "--output", str(tmp_path / "out")],
             "output inside input": ["--checkpoint", str(checkpoint), "--output", str(dataset / "preds")],
             "bad overlap": ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--overlap", "1.5"],
             "output is a file": ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "file")],
             "missing input": ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"),
-                              "--input", str(tmp_path / "nope")]}
+                              "--input", str(tmp_path / "nope")],
+            "checkpoint folder": ["--checkpoint", str(tmp_path / "ck"), "--output", str(tmp_path / "out")],
+            "same checkpoint twice": ["--checkpoint", str(checkpoint), str(checkpoint),
+                                      "--output", str(tmp_path / "out")],
+            "checkpoint copy": ["--checkpoint", str(checkpoint), str(tmp_path / "copy.pt"),
+                                "--output", str(tmp_path / "out")],
+            "checkpoint symlink": ["--checkpoint", str(checkpoint), str(tmp_path / "link.pt"),
+                                   "--output", str(tmp_path / "out")]}
     for name, path in fakes.items():
         args[name] = ["--checkpoint", str(path), "--output", str(tmp_path / "out")]
     expected = {"missing checkpoint": "--checkpoint", "output inside input": "--output", "bad overlap": "--overlap",
                 "output is a file": f"--output {tmp_path / 'file'} is a file", "text checkpoint": "--checkpoint",
                 "nifti checkpoint": "--checkpoint", "empty checkpoint": "--checkpoint",
-                "missing input": f"--input {tmp_path / 'nope'} not found"}
+                "missing input": f"--input {tmp_path / 'nope'} not found",
+                "pickle checkpoint": "not a PyTorch file",
+                "checkpoint cut early": "the file is truncated or damaged: PytorchStreamReader failed",
+                "checkpoint cut late": "the file is truncated or damaged",
+                "checkpoint folder": f"is a folder, not a checkpoint file; pass the file inside it, "
+                                     f"e.g. --checkpoint {tmp_path / 'ck' / 'best.pt'}",
+                "same checkpoint twice": f"--checkpoint {checkpoint} is given twice",
+                "checkpoint copy": f"--checkpoint {tmp_path / 'copy.pt'} has the same content as {checkpoint}",
+                "checkpoint symlink": f"--checkpoint {checkpoint} and {tmp_path / 'link.pt'} are the same file"}
     result = subprocess.run([sys.executable, "-m", "kitsjobs.predict", "--input", str(dataset), *args[case]],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
@@ -125,6 +154,9 @@ def test_cli_bad_input_is_one_line(case: str, dataset: Path, tmp_path: Path) -> 
     assert expected[case] in result.stderr
     assert "Traceback" not in result.stderr
     assert "weights_only=False" not in result.stderr
+    assert "UserWarning" not in result.stderr
+    # torch's own text is cut to its first sentence, never in the middle of one.
+    assert "If you are seeing this error" not in result.stderr
     assert not (dataset / "preds").exists()
     assert not (tmp_path / "out").exists()
     assert (tmp_path / "file").read_text() == "not a folder\n"
@@ -274,3 +306,140 @@ def test_slurm_array_rejects_unknown_template(slurm_cluster: str, dataset: Path,
     assert result.stderr.count("\n") == 1
     assert "nope" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags", [["--dry-run"], ["--cases-per-task", "2"], ["--gpus-per-task", "0"],
+                                   ["--templates-dir", "slurm_templates"], ["--cases-per-task", "2", "--dry-run"]])
+def test_cli_slurm_flags_need_slurm(flags: list[str], dataset: Path, tmp_path: Path) -> None:
+    checkpoint = _checkpoint(tmp_path / "ck", 0)
+    result = subprocess.run(
+        [sys.executable, "-m", "kitsjobs.predict", "--checkpoint", str(checkpoint), "--input", str(dataset),
+         "--output", str(tmp_path / "out"), "--device", "cpu", *flags],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    given = ", ".join(flag for flag in flags if flag.startswith("--"))
+    assert result.stderr.startswith(f"error: {given} ")
+    assert "add --slurm TEMPLATE" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _bad_images(folder: Path) -> None:
+    """A good 3D image, a text file, a 2D image and a 4D image, all named .nii.gz."""
+    rng = np.random.default_rng(3)
+    folder.mkdir()
+    good = nib.Nifti1Image(rng.integers(-1000, 500, (6, 20, 20)).astype(np.int16), np.diag([2.0, 1, 1, 1]))
+    nib.save(good, folder / "a_good.nii.gz")
+    (folder / "b_text.nii.gz").write_text("not an image\n")
+    nib.save(nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)), folder / "c_flat.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 8, 8, 2), np.int16), np.eye(4)), folder / "d_series.nii.gz")
+
+
+def test_cli_lists_every_bad_image_first(tmp_path: Path) -> None:
+    _bad_images(tmp_path / "images")
+    checkpoint = _checkpoint(tmp_path / "ck", 0)
+    result = subprocess.run(
+        [sys.executable, "-m", "kitsjobs.predict", "--checkpoint", str(checkpoint), "--input",
+         str(tmp_path / "images"), "--output", str(tmp_path / "out"), "--device", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert lines[0] == "error: 3 of the 4 image(s) cannot be predicted; nothing was written:"
+    assert lines[1].startswith(f"  b_text: cannot read {tmp_path / 'images' / 'b_text.nii.gz'} as NIfTI")
+    assert lines[2] == (f"  c_flat: {tmp_path / 'images' / 'c_flat.nii.gz'} has shape (64, 64), but predict needs "
+                        "a 3D CT volume (z, y, x); save it as a 3D NIfTI image or remove it")
+    assert lines[3].startswith("  d_series: ")
+    assert "(4, 8, 8, 2)" in lines[3]
+    assert lines[4] == "replace or remove these files in --input, then run the command again"
+    assert len(lines) == 5
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_resumes_after_cut_image(dataset: Path, tmp_path: Path) -> None:
+    images, output = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    for name in ("case_00000", "case_00001"):
+        (images / f"{name}.nii.gz").write_bytes((dataset / name / "imaging.nii.gz").read_bytes())
+    whole = (images / "case_00001.nii.gz").read_bytes()
+    # The gzip stream is cut after the header, so only reading the voxels fails.
+    (images / "case_00001.nii.gz").write_bytes(whole[:len(whole) // 3])
+    checkpoint = _checkpoint(tmp_path / "ck", 0)
+    command = [sys.executable, "-m", "kitsjobs.predict", "--checkpoint", str(checkpoint), "--input", str(images),
+               "--output", str(output), "--device", "cpu"]
+
+    failed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2
+    assert (f"error: 1 of the 2 image(s) failed while being predicted; the other 1 prediction(s) were written "
+            f"to {output}:") in failed.stderr
+    assert f"  case_00001: cannot read {images / 'case_00001.nii.gz'}" in failed.stderr
+    assert "--skip-existing" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert sorted(path.name for path in output.iterdir()) == ["case_00000.nii.gz"]
+    (output / "case_00000.nii.gz").write_bytes(b"kept, not recomputed")
+
+    (images / "case_00001.nii.gz").write_bytes(whole)
+    resumed = subprocess.run([*command, "--skip-existing"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "1 prediction(s) written" in resumed.stdout
+    assert (output / "case_00000.nii.gz").read_bytes() == b"kept, not recomputed"
+    assert nib.load(output / "case_00001.nii.gz").shape == nib.load(dataset / "case_00001" / "imaging.nii.gz").shape
+
+    both = subprocess.run([*command, "--skip-existing", "--overwrite"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert both.returncode == 2
+    assert "not allowed with argument" in both.stderr
+
+
+def test_cli_rejects_nan_intensities(dataset: Path, tmp_path: Path) -> None:
+    images, output = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    source = nib.load(dataset / "case_00000" / "imaging.nii.gz")
+    voxels = np.asarray(source.dataobj, dtype=np.float32)
+    voxels[0, 0, :2] = np.nan
+    header = source.header.copy()
+    header.set_data_dtype(np.float32)
+    nib.save(nib.Nifti1Image(voxels, source.affine, header), images / "case_00000.nii.gz")
+    checkpoint = _checkpoint(tmp_path / "ck", 0)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "kitsjobs.predict", "--checkpoint", str(checkpoint), "--input", str(images),
+         "--output", str(output), "--device", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+
+    assert result.returncode == 2
+    assert "2 NaN or infinite intensities" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not output.exists() or not any(output.iterdir())
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("case", ["too many GPUs", "unknown template", "bad image"])
+def test_slurm_errors_name_predict_flags(case: str, slurm_cluster: str, dataset: Path, tmp_path: Path) -> None:
+    checkpoint = _checkpoint(tmp_path / "model", seed=0)
+    images = dataset
+    if case == "bad image":
+        _bad_images(tmp_path / "images")
+        images = tmp_path / "images"
+    flags = {"too many GPUs": ["--slurm", "debug", "--gpus-per-task", "5", "--dry-run"],
+             "unknown template": ["--slurm", "nosuch"],
+             "bad image": ["--slurm", "debug"]}[case]
+    result = subprocess.run(
+        [sys.executable, "-m", "kitsjobs.predict", "--checkpoint", str(checkpoint), "--input", str(images),
+         "--output", str(tmp_path / "out"), "--templates-dir", str(REPO / "slurm_templates"), *flags],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "slurm." not in result.stderr
+    assert not (tmp_path / "out").exists()
+    if case == "too many GPUs":
+        assert result.stderr == (
+            f"error: --gpus-per-task 5 is above the limit of 1 GPU(s) per task set by max_gpus_per_job in "
+            f"{REPO / 'slurm_templates' / 'debug.yaml'}; use --gpus-per-task 1 or less (0 runs the task on CPUs)\n")
+    elif case == "unknown template":
+        assert "available: ['debug', 'ippmed-a40']" in result.stderr
+        assert "pass one of them to --slurm, or point --templates-dir" in result.stderr
+    else:
+        assert result.stderr.startswith("error: 3 of the 4 image(s) cannot be predicted")

@@ -20,13 +20,14 @@ import torch.nn.functional as F
 
 from kitsjobs.data.cache import (
     PreprocessSettings,
+    check_finite_intensities,
     is_up_to_date,
     load_cached_volume,
     prepare_arrays,
     prepare_volume,
     preprocess_cases,
 )
-from kitsjobs.data.layouts import find_cases
+from kitsjobs.data.layouts import Case, find_cases
 from kitsjobs.data.phantom import labels_to_image
 from kitsjobs.data.resample import resample_linear, resample_nearest
 from kitsjobs.errors import UserError
@@ -488,3 +489,84 @@ def test_cli_interrupt_is_one_line(tmp_path: Path) -> None:
     assert "KeyboardInterrupt" not in stderr
     assert sorted(path.name for path in cache.iterdir()) == ["case_00000"]
     assert is_up_to_date(cache / "case_00000", find_cases(tmp_path / "data", "kits23")[0], PreprocessSettings())
+
+
+def write_nan_case(root: Path) -> Path:
+    """Write one case whose float32 image has a NaN and an infinite voxel; return its image file."""
+    case = root / "case_00000"
+    case.mkdir(parents=True)
+    affine = np.diag([3.0, 1.5, 1.5, 1.0])
+    image = np.full((8, 32, 32), -100.0, np.float32)
+    image[2, 3, 4] = np.nan
+    image[5, 6, 7] = -np.inf
+    label = np.zeros((8, 32, 32), np.uint8)
+    label[2:5, 8:16, 8:16] = 1
+    nib.save(nib.Nifti1Image(image, affine), case / "imaging.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), case / "segmentation.nii.gz")
+    return case / "imaging.nii.gz"
+
+
+def test_nan_intensities_not_cached(tmp_path: Path) -> None:
+    from conftest import write_case
+
+    image_file = write_nan_case(tmp_path / "data")
+    write_case(tmp_path / "data", "case_00001", np.zeros((8, 32, 32)), np.ones((8, 32, 32)))
+    cases = find_cases(tmp_path / "data", "kits23")
+
+    with pytest.raises(UserError) as raised:
+        preprocess_cases(cases, tmp_path / "cache", SMALL_SETTINGS, progress=False)
+    assert str(raised.value) == (
+        f"1 case(s) failed to preprocess: image {image_file}: 2 NaN or infinite intensities; "
+        "replace them with valid HU values or leave the image out"
+    )
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == ["case_00001"]
+
+
+def test_check_intensities_flag_for_prediction(tmp_path: Path) -> None:
+    image_file = write_nan_case(tmp_path / "data")
+    unlabeled = Case("case_00000", image_file, None)
+    with pytest.raises(UserError, match=rf"^image {image_file}: 2 NaN or infinite intensities"):
+        prepare_arrays(unlabeled, SMALL_SETTINGS, check_intensities=True)
+    # Without the flag the NaN reaches the resampled image, which is what the check prevents.
+    image, _, _, _ = prepare_arrays(unlabeled, SMALL_SETTINGS)
+    assert np.isnan(image).any()
+
+
+def test_finite_intensities_pass_by_slab() -> None:
+    volume = np.zeros((40, 4, 4), np.float32)
+    check_finite_intensities(Path("a.nii.gz"), volume)
+    check_finite_intensities(Path("b.nii.gz"), np.zeros((3, 4, 4), np.int16))
+    volume[33, 1, 2] = np.inf
+    volume[0, 0, 0] = np.nan
+    with pytest.raises(UserError, match=r"^image a\.nii\.gz: 2 NaN or infinite intensities"):
+        check_finite_intensities(Path("a.nii.gz"), volume)
+
+
+def test_cli_output_without_parent_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_small_dataset(tmp_path / "data", count=1)
+    output = tmp_path / "nope" / "cache"
+    status, error = run_cli(["--input", str(tmp_path / "data"), "--output", str(output)], capsys)
+    assert status == 2
+    assert error == f"error: --output {output}: folder {tmp_path / 'nope'} not found; create it first or choose another path\n"
+    assert not (tmp_path / "nope").exists()
+
+
+def test_launcher_cache_without_parent_names_key(tmp_path: Path) -> None:
+    write_small_dataset(tmp_path / "data", count=2)
+    cases = find_cases(tmp_path / "data", "kits23")
+    cache = tmp_path / "nope" / "cache"
+    with pytest.raises(UserError, match=rf"^data\.cache_dir {cache}: folder {tmp_path / 'nope'} not found"):
+        preprocess_cases(cases, cache, SMALL_SETTINGS, progress=False, output_option="data.cache_dir")
+    assert not (tmp_path / "nope").exists()
+
+
+def test_null_settings_read_as_words(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_small_dataset(tmp_path / "data", count=1)
+    cache = tmp_path / "cache"
+    base = ["--input", str(tmp_path / "data"), "--output", str(cache)]
+    assert run_cli([*base, "--spacing-mm", "3", "1", "1"], capsys)[0] == 0
+    status, error = run_cli([*base, "--no-crop"], capsys)
+    assert status == 2
+    assert "spacing_mm [3.0, 1.0, 1.0] cached, each case's own spacing requested" in error
+    assert "body_threshold_hu -500.0 cached, no body crop requested" in error
+    assert " null " not in error

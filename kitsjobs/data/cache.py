@@ -44,7 +44,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from kitsjobs.data.check import AFFINE_ATOL_MM, AFFINE_RTOL, ERROR, label_value_problems
+from kitsjobs.data.check import AFFINE_ATOL_MM, AFFINE_RTOL, ERROR, count_nonfinite, label_value_problems
 from kitsjobs.data.layouts import Case
 from kitsjobs.data.resample import SLAB_SLICES, resample_linear, resample_nearest, target_shape
 from kitsjobs.data.volumes import Volume, read_nifti
@@ -263,6 +263,7 @@ def prepare_arrays(
     allocate: Allocator = _allocate_in_memory,
     *,
     check_label: bool = False,
+    check_intensities: bool = False,
 ) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray, dict[str, Any]]:
     """Crop, scale and resample one case into arrays that ``allocate`` provides.
 
@@ -276,16 +277,22 @@ def prepare_arrays(
         check_label: also reject a label whose affine differs from the image's or whose values
             lie outside {0, 1, 2, 3}, before anything is allocated. The cache does; training
             in memory leaves this to the dataset check, which ``data.check`` controls.
+        check_intensities: reject an image with NaN or infinite voxels before anything is
+            allocated (:func:`check_finite_intensities`). The cache and prediction need it,
+            because resampling would spread a NaN and the HU window would hide an infinity.
 
     Returns:
         (image, label or None, class points (N, 4) int32, geometry dict).
 
     Raises:
-        UserError: unreadable files, image and label of different shapes, or (with
-            ``check_label``) a label off the image's grid or with invalid values.
+        UserError: unreadable files, image and label of different shapes, (with
+            ``check_label``) a label off the image's grid or with invalid values, or (with
+            ``check_intensities``) NaN or infinite intensities.
     """
     image_file = read_nifti(case.image)
     raw, slope, intercept = _read_or_fail(case.image, lambda: read_hu(image_file))
+    if check_intensities:
+        check_finite_intensities(case.image, raw)
     label = None
     if case.label is not None:
         label_file = read_nifti(case.label)
@@ -366,6 +373,25 @@ def check_label_values(case: Case, label: np.ndarray) -> None:
         raise UserError(
             f"case {case.name}: label {case.label}: {'; '.join(errors)}; relabel it to 0 background, "
             "1 kidney, 2 tumor, 3 cyst, or remove the case"
+        )
+
+
+def check_finite_intensities(path: Path, raw: np.ndarray) -> None:
+    """Reject an image with NaN or infinite voxels, counted slab by slab without a full-size copy.
+
+    Args:
+        path: the image file, named in the message.
+        raw: the voxels as stored, slices-first (the first value :func:`read_hu` returns).
+            Integer voxels are never NaN, so they pass without being read.
+
+    Raises:
+        UserError: naming the file and the count of NaN or infinite voxels.
+    """
+    count = count_nonfinite(raw)
+    if count:
+        raise UserError(
+            f"image {path}: {count} NaN or infinite intensities; replace them with valid HU values "
+            "or leave the image out"
         )
 
 
@@ -458,7 +484,7 @@ def _write_case_folder(case: Case, folder: Path, settings: PreprocessSettings) -
         maps.append(array)
         return array
 
-    _, _, points, geometry = prepare_arrays(case, settings, allocate, check_label=True)
+    _, _, points, geometry = prepare_arrays(case, settings, allocate, check_label=True, check_intensities=True)
     for array in maps:
         array.flush()
     del maps
@@ -517,17 +543,31 @@ def _is_cache_geometry(geometry: Any) -> bool:
     )
 
 
+# Message text for a setting that is null (off) in geometry.json.
+NULL_SETTING_TEXT = {
+    "spacing_mm": "each case's own spacing",
+    "body_threshold_hu": "no body crop",
+}
+
+
 def settings_differences(cached: dict[str, Any], requested: dict[str, Any]) -> list[str]:
     """Describe each setting whose value differs, as "NAME CACHED cached, REQUESTED requested".
 
-    Values are shown as JSON, as geometry.json stores them (null for a setting that is off).
+    Values are shown as JSON, as geometry.json stores them, except that a null spacing reads
+    "each case's own spacing" and a null body threshold "no body crop".
     """
     names = list(requested) + [name for name in cached if name not in requested]
     return [
-        f"{name} {json.dumps(cached.get(name))} cached, {json.dumps(requested.get(name))} requested"
+        f"{name} {_setting_text(name, cached.get(name))} cached, {_setting_text(name, requested.get(name))} requested"
         for name in names
         if cached.get(name) != requested.get(name)
     ]
+
+
+def _setting_text(name: str, value: Any) -> str:
+    if value is None and name in NULL_SETTING_TEXT:
+        return NULL_SETTING_TEXT[name]
+    return json.dumps(value)
 
 
 def plan_cases(
@@ -786,17 +826,34 @@ def _write_pending(
         pool.join()
 
 
-def prepare_cache_folder(cache_dir: Path, output_option: str = "--output") -> Path:
-    """Create the cache folder if missing and return it, user directory expanded.
+def check_cache_folder(cache_dir: Path, output_option: str = "--output") -> None:
+    """Check, before any work, that ``cache_dir`` is a folder or can be created as one.
+
+    As for the output folders of predict, evaluate and submit, a missing folder is created
+    only inside an existing parent, so a mistyped path creates no tree of folders.
 
     Raises:
-        UserError: ``cache_dir`` is a file or cannot be created.
+        UserError: ``cache_dir`` is a file, or it is missing and so is its parent.
     """
     cache_dir = Path(cache_dir).expanduser()
     if cache_dir.exists() and not cache_dir.is_dir():
         raise UserError(f"{output_option} {cache_dir} is a file, not a folder; choose a folder for the cache")
+    if not cache_dir.exists() and not cache_dir.parent.is_dir():
+        raise UserError(
+            f"{output_option} {cache_dir}: folder {cache_dir.parent} not found; create it first or choose another path"
+        )
+
+
+def prepare_cache_folder(cache_dir: Path, output_option: str = "--output") -> Path:
+    """Create the cache folder if missing and return it, user directory expanded.
+
+    Raises:
+        UserError: ``cache_dir`` is a file, its parent is missing, or it cannot be created.
+    """
+    cache_dir = Path(cache_dir).expanduser()
+    check_cache_folder(cache_dir, output_option)
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_dir.mkdir(exist_ok=True)
     except OSError as error:
         raise UserError(
             f"cannot create {output_option} {cache_dir}: {error.strerror}; choose a folder you can write"
@@ -823,7 +880,7 @@ def preprocess_cases(
 
     Args:
         cases: the dataset's cases (labels optional).
-        cache_dir: cache folder, created if missing.
+        cache_dir: cache folder, created if missing; its parent must exist.
         settings: preprocessing settings.
         jobs: worker processes; 1 runs in this process.
         progress: show a tqdm progress bar.
@@ -836,14 +893,16 @@ def preprocess_cases(
         {case name: "kept" or "written"}.
 
     Raises:
-        UserError: ``jobs`` below 1, ``cache_dir`` a file or not writable, a folder that must
-            not be replaced, or cases that failed (all named, after the others finished).
+        UserError: ``jobs`` below 1, ``cache_dir`` a file, not writable or missing with its
+            parent, a folder that must not be replaced, or cases that failed (all named, after
+            the others finished).
         KeyboardInterrupt: on Ctrl-C, after the worker processes are stopped and the
             temporary folders removed. Cases already written stay.
     """
     if jobs < 1:
         raise UserError(f"{jobs_option}={jobs} is invalid; give 1 or more worker processes")
     cache_dir = Path(cache_dir).expanduser()
+    check_cache_folder(cache_dir, output_option)
     if cache_dir.is_dir():
         remove_stale_temporaries(cache_dir)
     pending = plan_cases(cases, cache_dir, settings, overwrite=overwrite, output_option=output_option)

@@ -34,13 +34,15 @@ import numpy as np
 from nibabel.openers import ImageOpener
 from tqdm import tqdm
 
-from kitsjobs.data.layouts import LAYOUTS, layout_hint
+from kitsjobs.data.layouts import LAYOUT_FILES, LAYOUTS, layout_hint, no_cases_message
 from kitsjobs.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 # Start of the problem text reported for a dataset folder without any case.
 NO_CASES = "no cases found"
+# Warning for a subfolder of a kits23 dataset folder that is not a case folder.
+NO_CASE_FILES = "no imaging.nii.gz or segmentation.nii.gz"
 
 ERROR = "error"
 WARNING = "warning"
@@ -111,17 +113,20 @@ def check_dataset(
         The problems, sorted by case and file; empty when the dataset is clean.
 
     Raises:
-        UserError: unknown layout or missing dataset folder.
+        UserError: unknown layout, or ``root`` is missing or a file.
     """
     if layout not in LAYOUTS:
         raise UserError(f"unknown data layout '{layout}'; choose one of {', '.join(LAYOUTS)}")
     root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise UserError(
+            f"{root} is a file, not a dataset folder; pass the dataset folder ROOT "
+            f"({layout} layout: {LAYOUT_FILES[layout]})"
+        )
     if not root.is_dir():
         raise UserError(f"dataset folder {root} not found; pass an existing folder")
 
     cases, problems = collect_cases(root, layout)
-    if not cases and not problems:
-        problems.append(Problem("", str(root), f"{NO_CASES} for data layout '{layout}'", ERROR))
 
     check = partial(check_case, full=full)
     bar = partial(tqdm, total=len(cases), desc="check", unit="case", disable=not progress)
@@ -142,6 +147,11 @@ def collect_cases(root: Path, layout: str) -> tuple[list[CaseFiles], list[Proble
     duplicate when the same name also exists as ``.nii.gz``, and is reported as
     ignored otherwise.
 
+    A folder without any image or label file in ``layout`` is one error, whose text starts
+    with NO_CASES and names the other layout when that one finds cases. The kits23 warnings
+    about subfolders that are not case folders are then left out, because such a folder
+    (a flat dataset's volume/ and seg/, say) is not a dataset with a few stray folders.
+
     Returns:
         The cases that have both files, and the problems found while pairing.
     """
@@ -149,6 +159,9 @@ def collect_cases(root: Path, layout: str) -> tuple[list[CaseFiles], list[Proble
         images, labels, problems = _scan_kits23(root)
     else:
         images, labels, problems = _scan_flat(root)
+    if not images and not labels:
+        problems = [problem for problem in problems if problem.problem != NO_CASE_FILES]
+        problems.append(Problem("", str(root), no_cases_message(root, layout), ERROR))
 
     cases = []
     for name in sorted(set(images) | set(labels)):
@@ -179,7 +192,7 @@ def _scan_kits23(root: Path) -> tuple[dict[str, Path], dict[str, Path], list[Pro
                 files[folder.name] = path
                 found = True
         if not found and len(problems) == reported:
-            problems.append(Problem(folder.name, str(folder), "no imaging.nii.gz or segmentation.nii.gz", WARNING))
+            problems.append(Problem(folder.name, str(folder), NO_CASE_FILES, WARNING))
     return images, labels, problems
 
 
@@ -465,7 +478,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command line: print the problem table; exit 1 on errors, 2 on a usage mistake."""
+    """Command line: print the problem table; exit 1 on errors, 2 on a usage mistake or a folder without cases."""
     parser = argparse.ArgumentParser(prog="python -m kitsjobs.data.check", description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="dataset folder (only read)")
     parser.add_argument("--layout", choices=LAYOUTS, default="kits23",
@@ -485,6 +498,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  progress=sys.stderr.isatty())
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    no_cases = [problem for problem in problems if problem.problem.startswith(NO_CASES)]
+    if no_cases:
+        # A wrong folder or --layout is a usage mistake: one line, as for a missing folder.
+        others = [problem for problem in problems if problem not in no_cases]
+        if others:
+            print(format_table(others, root))
+        print(f"error: {no_cases[0].problem}", file=sys.stderr)
         return 2
 
     errors = sum(problem.severity == ERROR for problem in problems)

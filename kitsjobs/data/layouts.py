@@ -13,6 +13,11 @@ logger = logging.getLogger(__name__)
 
 LAYOUTS = ("kits23", "flat")
 NIFTI_SUFFIX = ".nii.gz"
+# Image and label paths of each layout, named in the message about a wrong --layout.
+LAYOUT_FILES = {
+    "kits23": "ROOT/CASE/imaging.nii.gz",
+    "flat": "ROOT/volume/NAME.nii.gz and ROOT/seg/NAME.nii.gz",
+}
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,31 @@ def layout_hint(layout: str) -> str:
     if layout == "kits23":
         return "expected ROOT/case_XXXXX/imaging.nii.gz (use data=flat for ROOT/volume/ and ROOT/seg/)"
     return "expected ROOT/volume/NAME.nii.gz and ROOT/seg/NAME.nii.gz (use data=kits23 for case folders)"
+
+
+def no_cases_message(root: Path, layout: str, root_option: str = "") -> str:
+    """Describe a dataset folder without cases in ``layout`` for a command with a ``--layout`` option.
+
+    The other layout is searched too, so a folder in the wrong layout gets the switch that fixes it.
+
+    Args:
+        root: the dataset folder.
+        layout: the layout that found no case.
+        root_option: the flag that names ``root``, such as ``--input``; "" for a positional argument.
+
+    Returns:
+        One line, starting with "no cases found", that ends with the fix.
+    """
+    other = next(name for name in LAYOUTS if name != layout)
+    try:
+        other_count = len(find_cases(root, other, require_labels=False))
+    except UserError:
+        other_count = 0
+    named_root = f"{root_option} {root}" if root_option else str(root)
+    message = f"no cases found in {named_root} for --layout {layout} (expected {LAYOUT_FILES[layout]})"
+    if other_count:
+        return f"{message}, but {other_count} in the {other} layout ({LAYOUT_FILES[other]}); pass --layout {other}"
+    return f"{message} nor for --layout {other} ({LAYOUT_FILES[other]}); pass a dataset folder in one of them"
 
 
 def _kits23_pairs(root: Path) -> dict[str, tuple[Path, Optional[Path]]]:

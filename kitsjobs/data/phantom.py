@@ -47,6 +47,9 @@ _STREAM_NOISE, _STREAM_TISSUE_TEXTURE, _STREAM_TUMOR_TEXTURE, _STREAM_BODY = 1, 
 # The body outline swells and shrinks by this fraction along the slices, with a 300 mm period.
 _BODY_SIZE_VARIATION = 0.04
 
+# Demo cases draw their anatomy seed as seed * 100_000 + index, which stays unique below this count.
+MAX_DEMO_CASES = 100_000
+
 # Half-widths in mm of a typical adult abdomen and kidney, used to scale the generated anatomy.
 _REFERENCE_BODY_HALF_WIDTH_MM = 180.0
 _KIDNEY_SEMI_AXES_MM = (55.0, 22.0, 28.0)  # (cranio-caudal, antero-posterior, lateral)
@@ -782,7 +785,7 @@ def write_demo_dataset(
     leaves no partial file.
 
     Args:
-        out_dir: folder to create or complete.
+        out_dir: folder to create or complete; missing parent folders are created too.
         n_cases: number of cases, at least 1.
         shape: (slices, rows, cols) of every case; the default trains in minutes on a CPU.
         spacing_mm: voxel size in mm as (slice, row, col).
@@ -793,14 +796,16 @@ def write_demo_dataset(
         The case folders, in case order, including those that already existed.
 
     Raises:
-        ValueError: if n_cases, shape or spacing is invalid, or an existing case has another shape.
+        ValueError: if n_cases, shape or spacing is invalid, out_dir is a file, or an existing case
+            has another shape.
     """
-    if n_cases < 1 or n_cases > 100_000:
-        raise ValueError(f"n_cases must be between 1 and 100000, got {n_cases}")
+    if n_cases < 1 or n_cases > MAX_DEMO_CASES:
+        raise ValueError(f"n_cases must be between 1 and {MAX_DEMO_CASES}, got {n_cases}")
     shape = _check_shape(shape, min_size=4)
     spacing = _check_spacing(spacing_mm)
     affine = kits_affine(spacing)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser()
+    _check_output_folder(out_dir, create_parents=True)
 
     case_dirs = []
     for index in tqdm(range(n_cases), desc="demo cases", unit="case", disable=not progress):
@@ -871,6 +876,21 @@ def find_label_files(labels_dir: Path) -> dict[str, Path]:
             )
         found[case] = path
     return dict(sorted(found.items()))
+
+
+def _check_output_folder(out_dir: Path, *, create_parents: bool) -> None:
+    """Raise ValueError if ``out_dir`` is a file, or (unless ``create_parents``) is missing with its parent.
+
+    The launcher's demo folder (``data.demo_dir``, under the home folder by default) may lack
+    its parents on a fresh machine, so the demo creates them. An OUT_DIR typed on the command
+    line is created only inside an existing folder, as predict, evaluate and submit do.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output folder {out_dir} is a file, not a folder. Choose a folder path.")
+    if not create_parents and not out_dir.exists() and not out_dir.parent.is_dir():
+        raise ValueError(
+            f"output folder {out_dir}: folder {out_dir.parent} not found. Create it first or choose another path."
+        )
 
 
 def _check_output_outside(labels_dir: Path, out_dir: Path) -> None:
@@ -950,7 +970,8 @@ def convert_labels_folder(
 
     Args:
         labels_dir: folder of ``CASE.nii.gz`` files or ``CASE/segmentation.nii.gz`` folders.
-        out_dir: output folder; must not be ``labels_dir`` or inside it.
+        out_dir: output folder, created if missing; its parent must exist, and it must not be
+            ``labels_dir`` or inside it.
         seed: run seed.
         cases: case names to convert; None converts every case found.
         overwrite: rewrite cases whose files already exist.
@@ -960,12 +981,14 @@ def convert_labels_folder(
         The case folders in ``out_dir``, sorted by case name.
 
     Raises:
-        ValueError: if labels_dir is missing or contains no label files, out_dir is inside it, a
-            requested case is not found, or a label file is unreadable or has values outside 0-3.
+        ValueError: if labels_dir is missing or contains no label files, out_dir is inside it, is
+            a file or lacks its parent folder, a requested case is not found, or a label file is
+            unreadable or has values outside 0-3.
     """
     labels_dir, out_dir = Path(labels_dir), Path(out_dir)
     found = find_label_files(labels_dir)
     _check_output_outside(labels_dir, out_dir)
+    _check_output_folder(out_dir, create_parents=False)
     if not found:
         raise ValueError(
             f"no label files found in {labels_dir}. Pass a folder of CASE.nii.gz files or "
@@ -1055,6 +1078,8 @@ def _run(args: argparse.Namespace) -> None:
                 "Pass only --demo OUT_DIR [--n-cases N]."
             )
         n_cases = 4 if args.n_cases is None else args.n_cases
+        if not 1 <= n_cases <= MAX_DEMO_CASES:
+            raise ValueError(f"--n-cases {n_cases} is invalid. Pass a number from 1 to {MAX_DEMO_CASES}.")
         case_dirs = write_demo_dataset(
             args.demo, n_cases=n_cases, seed=args.seed, progress=sys.stderr.isatty()
         )

@@ -79,7 +79,7 @@ def predict_file(
         UserError: unreadable image.
     """
     name = Path(image_path).name
-    image, _, _, geometry = prepare_arrays(Case(name, Path(image_path), None), settings)
+    image, _, _, geometry = prepare_arrays(Case(name, Path(image_path), None), settings, check_intensities=True)
     logger.debug("%s: original %s, crop %s, network grid %s", name, geometry["original_shape"],
                  geometry["crop_box"], geometry["shape"])
     labels = predict_labels(

@@ -18,12 +18,24 @@ from kitsjobs.config import LauncherConfig, SlurmConfig
 from kitsjobs.errors import UserError
 from kitsjobs.slurm import checks, cluster, submission
 from kitsjobs.slurm.request import array_throttle, build_request
-from kitsjobs.slurm.templates import load_template
+from kitsjobs.slurm.templates import SlurmTemplate, load_template
 
 logger = logging.getLogger(__name__)
 
 JOB_FOLDER = ".kitsjobs_predict"
 JOB_NAME = "kitsjobs-predict"
+# The shared Slurm checks name the training sweep's config keys; predict's users typed these
+# flags instead. Longer phrases come first, so that they are replaced before their parts.
+_FLAG_FOR_KEY = (
+    ("set slurm.template or slurm.templates_dir (or KITSJOBS_SLURM_TEMPLATES)",
+     "pass one of them to --slurm, or point --templates-dir (or KITSJOBS_SLURM_TEMPLATES) at another folder"),
+    ("(slurm.gpus_per_task x slurm.nodes)", "(--gpus-per-task)"),
+    ("lower slurm.gpus_per_task or add slurm.nodes", "lower --gpus-per-task"),
+    ("choose another slurm=...", "choose another --slurm template"),
+    ("invalid slurm.template", "invalid --slurm"),
+    ("slurm.gpus_per_task=", "--gpus-per-task "),
+    ("slurm.gpus_per_task", "--gpus-per-task"),
+)
 
 
 @dataclass
@@ -54,10 +66,32 @@ class PredictionArray:
     gpus_per_task: int = 1
 
 
+def _check_gpus_per_task(gpus_per_task: int, template: SlurmTemplate) -> None:
+    """Check ``--gpus-per-task`` against the template's per-job and per-user GPU limits.
+
+    Raises:
+        UserError: naming the flag, the limit, the template key and the largest valid value.
+    """
+    limit = min(template.max_gpus_per_job, template.gpu_quota_per_user)
+    if gpus_per_task > limit:
+        key = "max_gpus_per_job" if template.max_gpus_per_job <= template.gpu_quota_per_user else "gpu_quota_per_user"
+        raise UserError(
+            f"--gpus-per-task {gpus_per_task} is above the limit of {limit} GPU(s) per task set by {key} in "
+            f"{template.source}; use --gpus-per-task {limit} or less (0 runs the task on CPUs)"
+        )
+
+
+def name_predict_flags(message: str) -> str:
+    """Rewrite the ``slurm.*`` config keys in a Slurm check's message as predict's flags."""
+    for key, flag in _FLAG_FOR_KEY:
+        message = message.replace(key, flag)
+    return message
+
+
 def split_cases(cases: Sequence[tuple[str, Path]], cases_per_task: int) -> list[list[tuple[str, Path]]]:
     """Group cases, in order, into tasks of at most ``cases_per_task``."""
     if cases_per_task < 1:
-        raise UserError(f"--cases-per-task={cases_per_task} must be 1 or more")
+        raise UserError(f"--cases-per-task {cases_per_task} is invalid; use 1 or more")
     return [list(cases[start:start + cases_per_task]) for start in range(0, len(cases), cases_per_task)]
 
 
@@ -77,13 +111,17 @@ def submit_prediction_array(checkpoints: Sequence[Path], cases: Sequence[tuple[s
     if not cases:
         raise UserError("no cases to predict")
     cluster.require_sbatch()
-    template = load_template(Path(array.templates_dir).expanduser().absolute(), array.template)
-    request = build_request(SlurmConfig(template=array.template, gpus_per_task=array.gpus_per_task), template)
-    checks.check_against_template(request, template)
-    groups = split_cases(cases, array.cases_per_task)
-    launcher = LauncherConfig(name="slurm", job_name=JOB_NAME)
-    throttle = array_throttle(request, template, launcher, len(groups))
-    checks.check_against_cluster(request, template)
+    try:
+        template = load_template(Path(array.templates_dir).expanduser().absolute(), array.template)
+        _check_gpus_per_task(array.gpus_per_task, template)
+        request = build_request(SlurmConfig(template=array.template, gpus_per_task=array.gpus_per_task), template)
+        checks.check_against_template(request, template)
+        groups = split_cases(cases, array.cases_per_task)
+        launcher = LauncherConfig(name="slurm", job_name=JOB_NAME)
+        throttle = array_throttle(request, template, launcher, len(groups))
+        checks.check_against_cluster(request, template)
+    except UserError as error:
+        raise UserError(name_predict_flags(str(error))) from None
 
     job_dir = Path(output_dir).absolute() / JOB_FOLDER
     executor = submission.make_executor(job_dir, submission.executor_parameters(template, request, launcher, throttle))

@@ -11,6 +11,7 @@ import io
 import logging
 import pickle
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -60,10 +61,18 @@ def save_checkpoint(folder: Path, state: dict[str, Any], is_best: bool = False) 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load one checkpoint file with ``weights_only=True`` (no pickled code runs).
 
+    torch's UserWarning about an unusual pickle protocol (a file written by ``pickle.dump``
+    rather than ``torch.save``) is silenced, because the load then fails anyway and callers
+    report that failure in their own words.
+
     Raises:
         RuntimeError, EOFError, OSError: the file is truncated, corrupt or unreadable.
+        pickle.UnpicklingError: the file is not a torch checkpoint, or it contains objects
+            other than tensors and plain values.
     """
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(Path(path), map_location="cpu", weights_only=True)
 
 
 def load_latest(folder: Path) -> Optional[dict[str, Any]]:

@@ -234,14 +234,30 @@ class Trainer:
             set_aside(self.checkpoint_dir, self.history_path)
         synchronize(self.dist)
         self.model.train()
-        started = time.monotonic()
-        last_checkpoint = started
         # Patch sampling runs on the CPU; drawing the next batch during the current step
         # takes it off the training step's time.
         self.prefetcher = BatchPrefetcher(self._draw_batch)
         progress = tqdm(
             total=trainer.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True
         )
+        # The bar and the prefetch thread are closed on every exit, so that an error message
+        # printed after an exception starts on its own line instead of the bar's.
+        try:
+            self._train_steps(progress)
+        finally:
+            progress.close()
+            self.prefetcher.close()
+        return TrainResult(self.step, self.best_metric, self.best_step)
+
+    def _train_steps(self, progress: tqdm) -> None:
+        """Run optimizer steps up to ``trainer.max_steps``, validating and checkpointing on schedule.
+
+        Raises:
+            TrainingInterrupted: the stop request was set before the last step.
+        """
+        trainer = self.config.trainer
+        started = time.monotonic()
+        last_checkpoint = started
         # Training time and steps since the last history line, for patches/s.
         window_train_s, window_steps = 0.0, 0
         while self.step < trainer.max_steps:
@@ -286,12 +302,8 @@ class Trainer:
                 last_checkpoint = time.monotonic()
             if stopping and self.step < trainer.max_steps:
                 progress.close()
-                self.prefetcher.close()
                 logger.warning("stop requested (%s): checkpoint written at step %d", self.stop.reason, self.step)
                 raise TrainingInterrupted(self.step, self.stop.reason)
-        progress.close()
-        self.prefetcher.close()
-        return TrainResult(self.step, self.best_metric, self.best_step)
 
     def _draw_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         return self.sampler.sample(sample_index(step, self.dist), self.config.data.batch_size)
@@ -327,13 +339,14 @@ class Trainer:
         """
         scores = []
         case_metrics = []
-        for volume in tqdm(self.val_volumes, desc="validate", unit="case", leave=False):
-            labels = self.predict(volume.image)
-            scores.append(validation_dice(labels, volume.label))  # type: ignore[arg-type]
-            case_metrics.append(compute_case_metrics(labels, volume.label, volume.spacing_mm))  # type: ignore[arg-type]
-            log_images = getattr(self.tracker, "log_images", None)
-            if log_images is not None:
-                log_images(self.step, volume.name, volume.image, labels, volume.label)
+        with tqdm(self.val_volumes, desc="validate", unit="case", leave=False) as volumes:
+            for volume in volumes:
+                labels = self.predict(volume.image)
+                scores.append(validation_dice(labels, volume.label))  # type: ignore[arg-type]
+                case_metrics.append(compute_case_metrics(labels, volume.label, volume.spacing_mm))  # type: ignore[arg-type]
+                log_images = getattr(self.tracker, "log_images", None)
+                if log_images is not None:
+                    log_images(self.step, volume.name, volume.image, labels, volume.label)
         self.last_validation = {
             f"val_{column}": float(np.mean([metrics[column] for metrics in case_metrics]))
             for column in METRIC_COLUMNS
