@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 
 def positive_int(text: str) -> int:
@@ -45,3 +46,8 @@ def positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
     return value
+
+
+def user_path(text: str) -> Path:
+    """Parse a path option, expanding a leading ``~`` that the shell left as typed (``--out=~/x``)."""
+    return Path(text).expanduser()

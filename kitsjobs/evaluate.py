@@ -45,7 +45,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from kitsjobs.cli import positive_int
+from kitsjobs.cli import positive_int, user_path
 from kitsjobs.data.volumes import read_nifti
 from kitsjobs.errors import UserError
 from kitsjobs.fsutil import atomic_write_text, check_output_file, require_input_folder
@@ -212,7 +212,7 @@ def parse_prediction_set(text: str) -> PredictionSet:
         raise UserError(f"invalid --predictions value {text!r}: the name is empty. Pass DIR or NAME=DIR")
     if not folder:
         raise UserError(f"invalid --predictions value {text!r}: the folder is empty. Pass DIR or NAME=DIR")
-    path = Path(folder)
+    path = Path(folder).expanduser()
     return PredictionSet(name=name or Path(os.path.abspath(path)).name, folder=path)
 
 
@@ -570,11 +570,11 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "--references", type=Path, required=True, metavar="DIR", help="folder of reference label volumes"
+        "--references", type=user_path, required=True, metavar="DIR", help="folder of reference label volumes"
     )
     parser.add_argument(
         "--csv",
-        type=Path,
+        type=user_path,
         default=None,
         metavar="FILE",
         help=(
@@ -584,14 +584,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--leaderboard",
-        type=Path,
+        type=user_path,
         default=None,
         metavar="FILE.md",
         help="write the leaderboard (mean Dice, mean Surface Dice, their ranks) as a Markdown table",
     )
     parser.add_argument(
         "--leaderboard-csv",
-        type=Path,
+        type=user_path,
         default=None,
         metavar="FILE.csv",
         help="write the leaderboard as CSV, means to 8 decimals",

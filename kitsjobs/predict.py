@@ -29,7 +29,7 @@ import nibabel as nib
 import torch
 from tqdm import tqdm
 
-from kitsjobs.cli import non_negative_int, positive_int
+from kitsjobs.cli import non_negative_int, positive_int, user_path
 from kitsjobs.config import Config, config_from_dict
 from kitsjobs.data.cache import PreprocessSettings
 from kitsjobs.data.layouts import Case, find_images
@@ -354,11 +354,11 @@ def find_prediction_targets(input_dir: Path, output_dir: Path, overwrite: bool =
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m kitsjobs.predict", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, type=Path, nargs="+",
+    parser.add_argument("--checkpoint", required=True, type=user_path, nargs="+", action="extend",
                         help="checkpoint file(s) (best.pt or latest.pt); several average their probabilities")
-    parser.add_argument("--input", required=True, type=Path,
+    parser.add_argument("--input", required=True, type=user_path,
                         help="images: KiTS23 case folders, volume/ folder, or NAME.nii.gz files")
-    parser.add_argument("--output", required=True, type=Path, help="folder for CASE.nii.gz predictions")
+    parser.add_argument("--output", required=True, type=user_path, help="folder for CASE.nii.gz predictions")
     parser.add_argument("--overlap", type=float, default=None,
                         help="overlap fraction between windows in [0, 1) (default: the checkpoint's)")
     parser.add_argument("--sw-batch-size", type=positive_int, default=None,
@@ -376,7 +376,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     slurm.add_argument("--slurm", metavar="TEMPLATE", default=None,
                        help="admin template name (TEMPLATES_DIR/TEMPLATE.yaml), e.g. ippmed-a40")
     # The Slurm-only flags default to None, so that main can tell whether they were given.
-    slurm.add_argument("--templates-dir", type=Path, default=None,
+    slurm.add_argument("--templates-dir", type=user_path, default=None,
                        help="folder of the admin templates (default: $KITSJOBS_SLURM_TEMPLATES, else slurm_templates)")
     slurm.add_argument("--cases-per-task", type=positive_int, default=None,
                        help="cases one array task predicts (default 1)")

@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from kitsjobs.cli import finite_float, positive_float, positive_int
+from kitsjobs.cli import finite_float, positive_float, positive_int, user_path
 from kitsjobs.config import DataConfig
 from kitsjobs.data.cache import IMAGE_DTYPES, PreprocessSettings, check_output_outside_input, preprocess_cases
 from kitsjobs.data.layouts import LAYOUTS, Case, find_cases, no_cases_message
@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the command's argument parser; every option's help shows its default."""
     defaults = DataConfig()
     parser = argparse.ArgumentParser(prog="python -m kitsjobs.preprocess", description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, type=Path, help="dataset folder (read only)")
+    parser.add_argument("--input", required=True, type=user_path, help="dataset folder (read only)")
     parser.add_argument("--layout", default="kits23", choices=LAYOUTS, help="dataset layout (default: %(default)s)")
-    parser.add_argument("--output", required=True, type=Path, help="cache folder, outside the dataset folder")
+    parser.add_argument("--output", required=True, type=user_path, help="cache folder, outside the dataset folder")
     parser.add_argument("--spacing-mm", type=positive_float, nargs=3, metavar=("Z", "Y", "X"), default=None,
                         help="target voxel size in mm, slices first (default: keep each case's spacing)")
     parser.add_argument("--hu-min", type=finite_float, default=defaults.hu_min,

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from kitsjobs.cli import user_path
 from kitsjobs.errors import UserError
 from kitsjobs.fsutil import atomic_write_text
 from kitsjobs.metrics import METRIC_COLUMNS
@@ -103,7 +104,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         prog="python -m kitsjobs.report",
         description="Write SWEEP_DIR/report.md: a table of the runs and their learning curves.",
     )
-    parser.add_argument("sweep_dir", type=Path, help="sweep folder (multirun/DATE/TIME) or one run folder")
+    parser.add_argument("sweep_dir", type=user_path, help="sweep folder (multirun/DATE/TIME) or one run folder")
     return parser.parse_args(argv)
 
 

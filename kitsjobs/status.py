@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from kitsjobs.cli import user_path
 from kitsjobs.errors import UserError
 from kitsjobs.slurm import cluster
 from kitsjobs.slurm.submission import MANIFEST_FILE
@@ -226,7 +227,7 @@ def format_table(manifest: SweepManifest, statuses: Sequence[TaskStatus], tail_l
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m kitsjobs.status", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", type=Path, help="sweep folder printed by the launch command")
+    parser.add_argument("sweep_dir", type=user_path, help="sweep folder printed by the launch command")
     parser.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
                         help="refresh every SECONDS until every task ended (0, the default: print once)")
     parser.add_argument("--tail", type=int, default=10, metavar="LINES",

@@ -44,7 +44,7 @@ import yaml
 from tqdm import tqdm
 
 from kitsjobs import __version__
-from kitsjobs.cli import positive_int
+from kitsjobs.cli import positive_int, user_path
 from kitsjobs.config import config_from_dict, config_hash
 from kitsjobs.data.layouts import find_images
 from kitsjobs.data.volumes import read_nifti
@@ -304,14 +304,14 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Nothing is written unless every case passes. Exit status 2 means invalid input.",
     )
-    parser.add_argument("--predictions", type=Path, required=True, metavar="DIR", help="folder of predicted label volumes")
+    parser.add_argument("--predictions", type=user_path, required=True, metavar="DIR", help="folder of predicted label volumes")
     parser.add_argument(
-        "--images", type=Path, required=True, metavar="DIR", help="folder of test images; its cases define the test set"
+        "--images", type=user_path, required=True, metavar="DIR", help="folder of test images; its cases define the test set"
     )
-    parser.add_argument("--out", type=Path, required=True, metavar="FILE.zip", help="submission zip to write")
+    parser.add_argument("--out", type=user_path, required=True, metavar="FILE.zip", help="submission zip to write")
     parser.add_argument(
         "--run",
-        type=Path,
+        type=user_path,
         default=None,
         metavar="RUN_DIR",
         help="run folder of the model (config.yaml, checkpoints/) to record in the manifest",

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from kitsjobs.cli import user_path
 from kitsjobs.errors import UserError
 from kitsjobs.tracking.offline import OfflineSegment, find_offline_runs, merge_segments, newest_value, read_segment
 from kitsjobs.tracking.runs import read_history
@@ -235,7 +236,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         prog="python -m kitsjobs.sync",
         description="Upload the offline W&B runs of a sweep, merging the segments of requeued tasks.",
     )
-    parser.add_argument("sweep_dir", type=Path, help="sweep folder (multirun/DATE/TIME) or one run folder")
+    parser.add_argument("sweep_dir", type=user_path, help="sweep folder (multirun/DATE/TIME) or one run folder")
     parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded; write nothing")
     parser.add_argument("--project", help="W&B project to upload to instead of the one each run logged")
     parser.add_argument("--entity", help="W&B entity to upload to instead of the one each run logged")

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -445,3 +446,30 @@ def test_loading_error_starts_its_own_line(tmp_path: Path, own_dataset: Path) ->
     assert_one_line_error(result, f"cannot read {image}")
     start = result.stderr.index("error: ")
     assert start == 0 or result.stderr[start - 1] in "\r\n", repr(result.stderr[max(0, start - 80):start])
+
+
+@pytest.mark.parametrize("values", [[0.0, 1.5, 2.5], [0, 1, 300], [0, -1, 2]], ids=["fractions", "above-255", "negative"])
+def test_labels_changed_by_uint8_cast_rejected(tmp_path: Path, values: list[float]) -> None:
+    from kitsjobs.data.cache import PreprocessSettings, prepare_arrays
+    from kitsjobs.data.layouts import Case
+
+    image = np.full((4, 8, 8), 40, np.int16)
+    label = np.zeros((4, 8, 8), np.float32)
+    label[1, 2:5, 2:5] = values[1]
+    label[2, 2:5, 2:5] = values[2]
+    affine = np.diag([3.0, 1.5, 1.5, 1.0])
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "image.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), tmp_path / "label.nii.gz")
+
+    # In memory, a cast to uint8 would turn 1.5 into 1 and 300 into 44 before data.check runs.
+    with pytest.raises(UserError, match="label") as raised:
+        prepare_arrays(Case("c", tmp_path / "image.nii.gz", tmp_path / "label.nii.gz"), PreprocessSettings())
+    assert "\n" not in str(raised.value)
+
+
+def test_user_path_expands_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from kitsjobs.cli import user_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert user_path("~/preds") == tmp_path / "preds"
+    assert user_path("relative/x") == Path("relative/x")

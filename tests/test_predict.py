@@ -443,3 +443,12 @@ def test_slurm_errors_name_predict_flags(case: str, slurm_cluster: str, dataset:
         assert "pass one of them to --slurm, or point --templates-dir" in result.stderr
     else:
         assert result.stderr.startswith("error: 3 of the 4 image(s) cannot be predicted")
+
+
+def test_repeated_checkpoint_flag_adds_models(tmp_path: Path) -> None:
+    from kitsjobs.predict import parse_args
+
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    args = parse_args(["--checkpoint", str(first), "--checkpoint", str(second), "--input", "in", "--output", "out"])
+
+    assert args.checkpoint == [first, second]

@@ -304,7 +304,8 @@ def prepare_arrays(
         if check_label:
             check_label_grid(case, image_file.affine, label_file.affine)
         stored_label = _read_or_fail(case.label, lambda: np.asarray(label_file.dataobj))
-        if check_label:
+        if check_label or not _fits_uint8_exactly(stored_label):
+            # The cast to uint8 would truncate or wrap these values, so no later check could see them.
             check_label_values(case, stored_label)
         label = stored_label.astype(np.uint8, copy=False)
         del stored_label
@@ -345,6 +346,16 @@ def prepare_arrays(
         "class_voxels": {str(c): int(n) for c, n in counts.items()},
     }
     return image, cache_label, points, geometry
+
+
+def _fits_uint8_exactly(values: np.ndarray) -> bool:
+    """Return whether every value survives a cast to uint8 unchanged (whole, 0 to 255)."""
+    if values.dtype == np.uint8 or values.size == 0:
+        return True
+    low, high = values.min(), values.max()
+    if not (0 <= low and high <= 255):
+        return False
+    return not np.issubdtype(values.dtype, np.floating) or bool(np.array_equal(values, np.round(values)))
 
 
 def check_label_grid(case: Case, image_affine: np.ndarray, label_affine: np.ndarray) -> None:

@@ -34,6 +34,7 @@ import numpy as np
 from nibabel.openers import ImageOpener
 from tqdm import tqdm
 
+from kitsjobs.cli import user_path
 from kitsjobs.data.layouts import LAYOUT_FILES, LAYOUTS, layout_hint, no_cases_message
 from kitsjobs.errors import UserError
 
@@ -480,7 +481,7 @@ def _one_line(error: BaseException) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line: print the problem table; exit 1 on errors, 2 on a usage mistake or a folder without cases."""
     parser = argparse.ArgumentParser(prog="python -m kitsjobs.data.check", description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path, help="dataset folder (only read)")
+    parser.add_argument("root", type=user_path, help="dataset folder (only read)")
     parser.add_argument("--layout", choices=LAYOUTS, default="kits23",
                         help="kits23: ROOT/CASE/imaging.nii.gz; flat: ROOT/volume/ and ROOT/seg/ (default kits23)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),

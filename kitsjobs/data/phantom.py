@@ -35,6 +35,8 @@ from nibabel.filebasedimages import ImageFileError
 from scipy import ndimage
 from tqdm import tqdm
 
+from kitsjobs.cli import user_path
+
 logger = logging.getLogger(__name__)
 
 BACKGROUND, KIDNEY, TUMOR, CYST = 0, 1, 2, 3
@@ -1038,16 +1040,16 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "labels_dir",
         nargs="?",
-        type=Path,
+        type=user_path,
         metavar="LABELS_DIR",
         help="folder of CASE.nii.gz label files or CASE/segmentation.nii.gz folders (only read)",
     )
     parser.add_argument(
-        "out_dir", nargs="?", type=Path, metavar="OUT_DIR", help="output folder, outside LABELS_DIR"
+        "out_dir", nargs="?", type=user_path, metavar="OUT_DIR", help="output folder, outside LABELS_DIR"
     )
     parser.add_argument(
         "--demo",
-        type=Path,
+        type=user_path,
         metavar="OUT_DIR",
         help="write procedural demo cases to OUT_DIR instead",
     )
