@@ -86,6 +86,15 @@ def test_cli_flat_layout(tmp_path: Path) -> None:
     assert nib.load(tmp_path / "out" / "scan.nii.gz").shape == (7, 24, 24)
 
 
+def _predict_cli(checkpoint: Path, images: Path, output: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m kitsjobs.predict`` on the CPU and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "kitsjobs.predict", "--checkpoint", str(checkpoint), "--input", str(images),
+         "--output", str(output), "--device", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+
+
 def _fake_checkpoints(folder: Path, dataset: Path, real: Path | None = None) -> dict[str, Path]:
     """Files named .pt that are not checkpoints: text, a NIfTI image, an empty file, a plain
     pickle and, given a ``real`` checkpoint, its first and second halves cut off."""
@@ -201,11 +210,11 @@ def test_cli_keeps_existing_predictions(dataset: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "kitsjobs.predict", "--checkpoint", str(checkpoint), "--input", str(dataset),
                "--output", str(output), "--device", "cpu"]
 
-    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2
-    assert refused.stderr.count("\n") == 1, refused.stderr
-    assert f"--output {output} already contains 1 of the 2 file(s) to write ({earlier})" in refused.stderr
-    assert "--overwrite" in refused.stderr
+    rejected = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rejected.returncode == 2
+    assert rejected.stderr.count("\n") == 1, rejected.stderr
+    assert f"--output {output} already contains 1 of the 2 file(s) to write ({earlier})" in rejected.stderr
+    assert "--overwrite" in rejected.stderr
     assert earlier.read_bytes() == b"another model's prediction"
     assert sorted(path.name for path in output.iterdir()) == ["case_00000.nii.gz"]
 
@@ -225,11 +234,7 @@ def test_cli_never_replaces_copied_images(tmp_path: Path) -> None:
     (copy / "scan.nii.gz").write_bytes((images / "scan.nii.gz").read_bytes())
     checkpoint = _checkpoint(tmp_path / "ck", 0)
 
-    result = subprocess.run(
-        [sys.executable, "-m", "kitsjobs.predict", "--checkpoint", str(checkpoint), "--input", str(images),
-         "--output", str(copy), "--device", "cpu"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    result = _predict_cli(checkpoint, images, copy)
 
     assert result.returncode == 2
     assert "already contains 1 of the 1 file(s)" in result.stderr
@@ -404,11 +409,7 @@ def test_cli_rejects_nan_intensities(dataset: Path, tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(voxels, source.affine, header), images / "case_00000.nii.gz")
     checkpoint = _checkpoint(tmp_path / "ck", 0)
 
-    result = subprocess.run(
-        [sys.executable, "-m", "kitsjobs.predict", "--checkpoint", str(checkpoint), "--input", str(images),
-         "--output", str(output), "--device", "cpu"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    result = _predict_cli(checkpoint, images, output)
 
     assert result.returncode == 2
     assert "2 NaN or infinite intensities" in result.stderr

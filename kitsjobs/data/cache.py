@@ -14,7 +14,7 @@ leaves only hidden temporary folders (``.CASE.tmp-HOST-PID-TOKEN``), which the n
 (:func:`remove_stale_temporaries`). A case whose source files and settings have not changed is
 skipped, so preprocessing is idempotent. A case whose source files changed is rebuilt. A case
 built with other settings stops the run unless ``overwrite`` is set, and a folder that is not a
-cache case folder always does; either stops it before anything is written.
+cache case folder always stops it. Both are found before anything is written.
 The same steps also run in memory (:func:`prepare_volume`) for training without a cache.
 """
 
@@ -49,7 +49,7 @@ from kitsjobs.data.layouts import Case
 from kitsjobs.data.resample import SLAB_SLICES, resample_linear, resample_nearest, target_shape
 from kitsjobs.data.volumes import Volume, read_nifti
 from kitsjobs.errors import UserError
-from kitsjobs.fsutil import atomic_write_json
+from kitsjobs.fsutil import atomic_write_json, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -479,14 +479,6 @@ def is_up_to_date(case_dir: Path, case: Case, settings: PreprocessSettings) -> b
     return all((Path(case_dir) / name).is_file() for name in needed)
 
 
-def _fsync_file(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _write_case_folder(case: Case, folder: Path, settings: PreprocessSettings) -> None:
     maps: list[np.memmap] = []
 
@@ -501,7 +493,7 @@ def _write_case_folder(case: Case, folder: Path, settings: PreprocessSettings) -
     del maps
     np.save(folder / "points.npy", points)
     for path in folder.glob("*.npy"):
-        _fsync_file(path)
+        fsync_path(path)
     atomic_write_json(folder / GEOMETRY_FILE, geometry)
 
 
@@ -682,7 +674,7 @@ def remove_stale_temporaries(cache_dir: Path, now_s: Optional[float] = None) -> 
     without host and pid in its name, is stale once older than STALE_TEMPORARY_AGE_S.
 
     NOTE: this trusts the host name and pid in the folder name. Containers on one host that
-    share a cache but not a pid namespace could remove each other's folders in progress; the
+    share a cache but not a pid namespace could remove each other's folders in progress. The
     writer then fails with an OSError, and a rerun resumes.
 
     Args:
