@@ -82,8 +82,8 @@ class ModelConfig:
     max_filters: int = 320
     # Patch (z, y, x) in voxels that dynunet is planned for and swinunetr checks; [] is unset.
     patch_size: list[int] = field(default_factory=list)
-    # Voxel size (z, y, x) in mm that the dynunet planner reads; null takes data.spacing_mm
-    # when the command is launched, and treats the axes as equal when that is null too.
+    # Voxel size (z, y, x) in mm that the dynunet planner reads. Null takes data.spacing_mm at
+    # launch, and when that is null too the planner treats the axes as equally spaced.
     spacing_mm: Optional[list[float]] = None
     # Dynunet in training mode also returns the lower decoder outputs, stacked on dim 1.
     deep_supervision: bool = False

@@ -328,9 +328,9 @@ RUN_LOG_FILE = "launch.log"
 class RunFolderSnapshot:
     """The state of the folder named by hydra.run.dir before the command, to put back after a rejection.
 
-    A rejection found after Hydra started the run (a dataset error, say) leaves .hydra/,
-    launch.log and the task's first files behind; ``restore`` removes what this command
-    added and writes back what it changed.
+    A rejection found after Hydra started the run, such as a dataset error, leaves .hydra/,
+    launch.log and the task's first files behind. ``restore`` removes what this command added
+    and writes back what it changed.
     """
 
     folder: Path
@@ -362,7 +362,7 @@ class RunFolderSnapshot:
             remove_untouched_run_dir(self.folder)
 
 
-# What Hydra writes into a run folder before the task starts, and the task's first files.
+# Entries that Hydra writes into a run folder before the task starts, and the task's first files.
 RUN_START_FILES = frozenset({".hydra", RUN_LOG_FILE, "config.yaml", "split.json", "logs"})
 
 

@@ -470,7 +470,7 @@ def _select_device(name: str) -> torch.device:
 
 
 def _describe_load_error(error: BaseException) -> str:
-    """One line on why torch.load rejected a file, without torch's advice to unpickle untrusted data."""
+    """Describe in one line why torch.load rejected a file, leaving out torch's advice to unpickle it."""
     if isinstance(error, EOFError):
         return "the file is empty or truncated"
     if isinstance(error, (pickle.UnpicklingError, KeyError)):

@@ -561,13 +561,13 @@ def test_existing_output_needs_overwrite(
     output = tmp_path / "result.txt"
     output.write_text("earlier result\n")
 
-    refused = run_cli("--predictions", predictions, "--references", references, option, output, cwd=tmp_path)
+    rejected = run_cli("--predictions", predictions, "--references", references, option, output, cwd=tmp_path)
     replaced = run_cli(
         "--predictions", predictions, "--references", references, option, output, "--overwrite", cwd=tmp_path
     )
 
-    assert refused.returncode == 2
-    assert refused.stderr.strip() == f"error: {option} {output} exists; choose another path, or add --overwrite to replace it"
+    assert rejected.returncode == 2
+    assert rejected.stderr.strip() == f"error: {option} {output} exists; choose another path, or add --overwrite to replace it"
     assert replaced.returncode == 0, replaced.stderr
     assert output.read_text().startswith(header_start)
 

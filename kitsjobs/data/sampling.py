@@ -5,8 +5,8 @@ draws the same patches as an uninterrupted run would at step N. A patch is centr
 voxel of a class drawn with ``class_ratios`` (background, kidney, tumor, cyst); a case that
 lacks a class shares that class's probability among the classes it has. Only the patch's
 window of a memory-mapped volume is read. Once a batch is copied, the pages it touched are
-dropped from the process's resident memory while the OS keeps them cached, so the resident
-memory of a long run stays near one batch instead of growing to the size of the dataset.
+dropped from the process's resident memory, and the OS keeps them in its page cache. The
+resident memory of a long run thus stays near one batch instead of growing to the dataset's size.
 """
 
 from __future__ import annotations
